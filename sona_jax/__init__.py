@@ -1,0 +1,23 @@
+"""sona_jax: continual self-improvement for served models, on JAX.
+
+Loop A (per request) adapts a micro-LoRA and a memory graph from feedback; Loop B (hourly)
+consolidates; Loop C (weekly) restructures memory. Every step is a pure, jitted function of pytrees.
+"""
+
+from sona_jax import buffer as buffer
+from sona_jax import graph as graph
+from sona_jax import lora as lora
+from sona_jax import types as types
+from sona_jax.config import SonaConfig as SonaConfig
+from sona_jax.driver import Sona as Sona
+from sona_jax.loops.instant import InstantReport as InstantReport
+from sona_jax.loops.instant import instant_scan as instant_scan
+from sona_jax.loops.instant import instant_step as instant_step
+from sona_jax.runtime import configure_cpu_low_latency as configure_cpu_low_latency
+from sona_jax.state import SonaState as SonaState
+from sona_jax.state import init_state as init_state
+from sona_jax.types import Interaction as Interaction
+from sona_jax.types import make_interaction as make_interaction
+from sona_jax.types import stack_interactions as stack_interactions
+
+__version__ = "0.1.0"

@@ -1,0 +1,168 @@
+"""`SonaConfig`: the frozen, hashable, validated configuration of every loop.
+
+The config is passed to jitted functions as a static argument, so it must be hashable and must not
+change after construction. It validates itself: a bad value raises `ValueError` naming the field,
+the value and the allowed range, before any JAX computation runs.
+
+Defaults follow the seed document (`shared/seed`, sections 2-5) except where DESIGN.md says
+otherwise; the micro-LoRA learning rate is set by measurement (see `micro_lr`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+__all__ = ["SonaConfig"]
+
+
+def _check_range(name: str, value: Any, lo: float | None, hi: float | None, *, integer: bool):
+  if integer:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ValueError(f"SonaConfig.{name} must be an int, got {value!r}")
+  else:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+      raise ValueError(f"SonaConfig.{name} must be a finite number, got {value!r}")
+  if (lo is not None and value < lo) or (hi is not None and value > hi):
+    lo_s = "-inf" if lo is None else lo
+    hi_s = "inf" if hi is None else hi
+    raise ValueError(f"SonaConfig.{name}={value!r} is out of range; allowed [{lo_s}, {hi_s}]")
+
+
+@dataclasses.dataclass(frozen=True)
+class SonaConfig:
+  """Configuration of a SONA learner (DESIGN.md section 3).
+
+  Attributes:
+    dim: embedding width of queries and memories (LoRA `d_in = d_out = dim`).
+    micro_rank: rank of the per-request micro-LoRA, 1-2 (seed: "rank 1-2").
+    base_rank: rank of the consolidated base LoRA, 4-16 (seed).
+    micro_alpha: LoRA alpha of the micro adapter; scale `alpha / rank` (PEFT). None means
+      `alpha = rank` (scale 1).
+    base_alpha: LoRA alpha of the base adapter; None means `alpha = rank`.
+    micro_lr: SGD learning rate of `micro_update`. Gradients in feedback mode have norm <= 1, so the
+      seed's 0.002 learns too little to matter within thousands of requests; the default was set by
+      the `load_digits` drift measurement (tests/test_learning_feedback.py, `sona-jax demo`).
+    micro_clip: maximum norm of each factor's step (A and B separately). DESIGN.md 4.1: unclipped
+      SGD diverged at lr >= 0.1 in the prototype; 0.25 was stable at lr 0.2.
+    gate_quality_margin: Loop A updates the micro-LoRA only when `|quality - 0.5| > margin` ...
+    gate_latency_ratio: ... or when `latency_ms / target_latency_ms > ratio` (seed section 2).
+    n_tiers: number of model tiers the router chooses between.
+    tier_costs: relative cost of each tier, cheapest first; length `n_tiers`.
+    target_latency_ms: default latency target of `make_interaction`.
+    max_ids: fixed length `k` of the `used` / `unused` memory id lists of an interaction.
+    graph_capacity: number of memory nodes `N` (fixed; a full graph evicts the lowest-value node).
+    graph_degree: edge slots per node `K` (ELL layout).
+    hebbian_strengthen: Hebbian rate for used memories, `w <- w + rate (1 - w)` (seed: +5%).
+    hebbian_weaken: Hebbian rate for retrieved-but-unused memories, `w <- w (1 - rate)` (seed: -2%).
+    node_quality_ema: weight of a new quality observation in a used node's quality EMA.
+    recency_half_life_s: half-life of the recency factor in a node's eviction value.
+    signal_capacity: capacity of the Loop A -> Loop B signal ring buffer.
+    trajectory_capacity: capacity of the trajectory ring buffer (seed: 10,000).
+    pattern_clusters: k of the Loop B k-means++ pattern extraction (seed: 50).
+    min_samples: Loop B skips a scheduled cycle with fewer waiting signals (seed).
+    background_interval_s: Loop B period in seconds (seed: hourly).
+  """
+
+  dim: int
+  micro_rank: int = 2
+  base_rank: int = 8
+  micro_alpha: float | None = None
+  base_alpha: float | None = None
+  micro_lr: float = 0.2
+  micro_clip: float = 0.25
+  gate_quality_margin: float = 0.1
+  gate_latency_ratio: float = 1.2
+  n_tiers: int = 3
+  tier_costs: tuple[float, ...] = (1.0, 3.0, 10.0)
+  target_latency_ms: float = 200.0
+  max_ids: int = 4
+  graph_capacity: int = 10_000
+  graph_degree: int = 16
+  hebbian_strengthen: float = 0.05
+  hebbian_weaken: float = 0.02
+  node_quality_ema: float = 0.1
+  recency_half_life_s: float = 7 * 86_400.0
+  signal_capacity: int = 10_000
+  trajectory_capacity: int = 10_000
+  pattern_clusters: int = 50
+  min_samples: int = 100
+  background_interval_s: int = 3600
+
+  def __post_init__(self):
+    _check_range("dim", self.dim, 1, 1 << 16, integer=True)
+    _check_range("micro_rank", self.micro_rank, 1, 2, integer=True)
+    _check_range("base_rank", self.base_rank, 4, 16, integer=True)
+    if self.base_rank > self.dim:
+      raise ValueError(f"SonaConfig.base_rank={self.base_rank} must be <= dim={self.dim}")
+    for name in ("micro_alpha", "base_alpha"):
+      value = getattr(self, name)
+      if value is not None:
+        _check_range(name, value, 1e-6, None, integer=False)
+    _check_range("micro_lr", self.micro_lr, 0.0, 100.0, integer=False)
+    _check_range("micro_clip", self.micro_clip, 1e-9, None, integer=False)
+    _check_range("gate_quality_margin", self.gate_quality_margin, 0.0, 0.5, integer=False)
+    _check_range("gate_latency_ratio", self.gate_latency_ratio, 0.0, None, integer=False)
+    _check_range("n_tiers", self.n_tiers, 1, 64, integer=True)
+    if not isinstance(self.tier_costs, tuple):
+      # Lists are accepted for convenience but stored as a tuple so the config stays hashable.
+      try:
+        object.__setattr__(self, "tier_costs", tuple(float(c) for c in self.tier_costs))
+      except TypeError as e:
+        raise ValueError(
+          f"SonaConfig.tier_costs must be a sequence of numbers, got {self.tier_costs!r}"
+        ) from e
+    if len(self.tier_costs) != self.n_tiers:
+      raise ValueError(
+        f"SonaConfig.tier_costs has {len(self.tier_costs)} entries; expected n_tiers={self.n_tiers}"
+      )
+    for i, c in enumerate(self.tier_costs):
+      _check_range(f"tier_costs[{i}]", c, 0.0, None, integer=False)
+    _check_range("target_latency_ms", self.target_latency_ms, 1e-6, None, integer=False)
+    _check_range("max_ids", self.max_ids, 1, 64, integer=True)
+    _check_range("graph_capacity", self.graph_capacity, 1, 1 << 24, integer=True)
+    _check_range("graph_degree", self.graph_degree, 1, 256, integer=True)
+    _check_range("hebbian_strengthen", self.hebbian_strengthen, 0.0, 1.0, integer=False)
+    _check_range("hebbian_weaken", self.hebbian_weaken, 0.0, 1.0, integer=False)
+    _check_range("node_quality_ema", self.node_quality_ema, 0.0, 1.0, integer=False)
+    _check_range("recency_half_life_s", self.recency_half_life_s, 1.0, None, integer=False)
+    _check_range("signal_capacity", self.signal_capacity, 1, 1 << 24, integer=True)
+    _check_range("trajectory_capacity", self.trajectory_capacity, 1, 1 << 24, integer=True)
+    _check_range("pattern_clusters", self.pattern_clusters, 1, 4096, integer=True)
+    _check_range("min_samples", self.min_samples, 1, None, integer=True)
+    _check_range("background_interval_s", self.background_interval_s, 1, None, integer=True)
+
+  @property
+  def micro_scale(self) -> float:
+    """LoRA scale `alpha / rank` of the micro adapter (PEFT convention)."""
+    alpha = self.micro_rank if self.micro_alpha is None else self.micro_alpha
+    return float(alpha) / self.micro_rank
+
+  @property
+  def base_scale(self) -> float:
+    """LoRA scale `alpha / rank` of the base adapter (PEFT convention)."""
+    alpha = self.base_rank if self.base_alpha is None else self.base_alpha
+    return float(alpha) / self.base_rank
+
+  def replace(self, **changes) -> SonaConfig:
+    """Returns a copy with `changes` applied (validated again)."""
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict:
+    """A JSON-serialisable dict of every field (checkpoint metadata)."""
+    d = dataclasses.asdict(self)
+    d["tier_costs"] = list(self.tier_costs)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict) -> SonaConfig:
+    """Inverse of `to_dict`; unknown keys raise `ValueError`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"SonaConfig.from_dict: unknown fields {unknown}")
+    d = dict(d)
+    if "tier_costs" in d:
+      d["tier_costs"] = tuple(d["tier_costs"])
+    return cls(**d)

@@ -1,0 +1,146 @@
+"""Real-data streams for demos, tests and benchmarks, built from data that scikit-learn ships.
+
+Nothing is downloaded: `load_digits` (1,797 8x8 images, 10 classes) is inside scikit-learn.
+
+`digits_drift` builds the retrieval-drift scenario of DESIGN.md 4.1: PCA embeddings of the digits,
+split into a memory (the retrieval corpus, with labels) and a query stream whose embeddings are
+shifted along one fixed direction, as when an upstream encoder or the traffic drifts. A retrieved
+memory is relevant when it has the query's label. `retrieval_interaction` turns one retrieval into
+the feedback a production system would log: memories judged useful (`used`), retrieved but not
+useful (`unused`), and a quality score (the precision of the retrieval).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from sona_jax.config import SonaConfig
+from sona_jax.types import Interaction, make_interaction
+
+__all__ = ["DriftTask", "digits_drift", "top_k_cosine", "precision_at_k", "retrieval_interaction"]
+
+
+class DriftTask(NamedTuple):
+  """A retrieval task with drifted queries (NumPy arrays).
+
+  Attributes:
+    memories: f32[m, dim] unit-norm memory embeddings.
+    memory_labels: i32[m] class of each memory.
+    queries: f32[n, dim] drifted query embeddings (the stream).
+    clean_queries: f32[n, dim] the same queries before the drift.
+    query_labels: i32[n] class of each query.
+    direction: f32[dim] unit drift direction.
+  """
+
+  memories: np.ndarray
+  memory_labels: np.ndarray
+  queries: np.ndarray
+  clean_queries: np.ndarray
+  query_labels: np.ndarray
+  direction: np.ndarray
+
+
+def digits_drift(
+  *, seed: int = 0, dim: int = 32, n_memories: int = 600, drift: float = 1.0
+) -> DriftTask:
+  """The `load_digits` retrieval-drift task.
+
+  Embeddings: standardised pixels -> PCA(`dim`, fitted on the memories) -> unit norm. Queries are
+  the remaining images, shifted by `drift` times a fixed random unit direction (then left
+  unnormalised: cosine retrieval normalises).
+
+  Args:
+    seed: split and drift-direction seed.
+    dim: embedding width (PCA components, <= 64).
+    n_memories: number of images in the memory; the rest are queries.
+    drift: length of the shift relative to the unit-norm clean embedding.
+  """
+  from sklearn.datasets import load_digits
+  from sklearn.decomposition import PCA
+  from sklearn.preprocessing import StandardScaler
+
+  if not 1 <= dim <= 64:
+    raise ValueError(f"digits_drift: dim={dim} must be in [1, 64]")
+  x, y = load_digits(return_X_y=True)
+  if not 10 <= n_memories <= len(x) - 10:
+    raise ValueError(f"digits_drift: n_memories={n_memories} must be in [10, {len(x) - 10}]")
+  rng = np.random.default_rng(seed)
+  perm = rng.permutation(len(x))
+  mem_idx, q_idx = perm[:n_memories], perm[n_memories:]
+  scaler = StandardScaler().fit(x[mem_idx])
+  pca = PCA(n_components=dim, random_state=seed).fit(scaler.transform(x[mem_idx]))
+  emb = pca.transform(scaler.transform(x)).astype(np.float32)
+  emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+  direction = rng.normal(size=dim).astype(np.float32)
+  direction /= np.linalg.norm(direction)
+  clean = emb[q_idx]
+  return DriftTask(
+    memories=emb[mem_idx],
+    memory_labels=y[mem_idx].astype(np.int32),
+    queries=(clean + drift * direction[None, :]).astype(np.float32),
+    clean_queries=clean,
+    query_labels=y[q_idx].astype(np.int32),
+    direction=direction,
+  )
+
+
+def top_k_cosine(queries: np.ndarray, memories: np.ndarray, k: int) -> np.ndarray:
+  """Indices `[n, k]` of the `k` memories most cosine-similar to each query (best first)."""
+  q = np.atleast_2d(queries)
+  q = q / np.maximum(np.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
+  m = memories / np.maximum(np.linalg.norm(memories, axis=-1, keepdims=True), 1e-12)
+  sims = q @ m.T
+  idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+  order = np.argsort(-np.take_along_axis(sims, idx, axis=1), axis=1)
+  return np.take_along_axis(idx, order, axis=1)
+
+
+def precision_at_k(
+  queries: np.ndarray, labels: np.ndarray, memories: np.ndarray, memory_labels: np.ndarray, k: int
+) -> float:
+  """Mean fraction of the top-`k` memories that share the query's label."""
+  idx = top_k_cosine(queries, memories, k)
+  return float(np.mean(memory_labels[idx] == np.asarray(labels)[:, None]))
+
+
+def retrieval_interaction(
+  cfg: SonaConfig,
+  query: np.ndarray,
+  retrieved: np.ndarray,
+  relevant: np.ndarray,
+  *,
+  time: int = 0,
+  tier: int = 0,
+  latency_ms: float = 0.0,
+) -> Interaction:
+  """The feedback of one retrieval: used = relevant retrieved memories, unused = the others.
+
+  Args:
+    cfg: the config (`max_ids` bounds both lists: the first `max_ids` of each are kept).
+    query: f32[dim] the *unadapted* query embedding (the input of the adapted layer).
+    retrieved: i32[k] memory node ids, best first.
+    relevant: bool[k] whether each retrieved memory was useful.
+    time: seconds since the origin.
+    tier: model tier that served.
+    latency_ms: observed latency.
+
+  Returns:
+    An `Interaction` with quality = precision of the retrieval, anchor = the top memory.
+  """
+  retrieved = np.asarray(retrieved)
+  relevant = np.asarray(relevant, bool)
+  used = retrieved[relevant][: cfg.max_ids]
+  unused = retrieved[~relevant][: cfg.max_ids]
+  return make_interaction(
+    cfg,
+    query=np.asarray(query, np.float32),
+    quality=float(np.mean(relevant)) if relevant.size else 0.0,
+    anchor=int(retrieved[0]) if retrieved.size else -1,
+    used=used.astype(np.int32),
+    unused=unused.astype(np.int32),
+    tier=tier,
+    latency_ms=latency_ms,
+    time=time,
+  )

@@ -1,0 +1,176 @@
+"""`Sona`: the small stateful driver around the pure state transitions (DESIGN.md section 6).
+
+It holds the config, the current state and a clock, and calls the jitted pure functions. It is the
+only stateful code of the library; everything it does can be done with the pure API directly.
+This version covers Loop A (memories, observations, adaptation); the scheduled Loop B/C, routing,
+patterns and checkpoints arrive with their loops.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time as _time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sona_jax import graph as graph_lib
+from sona_jax import lora, types
+from sona_jax.config import SonaConfig
+from sona_jax.loops.instant import InstantReport, instant_scan, instant_step
+from sona_jax.state import SonaState, init_state
+
+__all__ = ["Sona", "adapt"]
+
+_log = logging.getLogger("sona_jax")
+
+
+@jax.jit
+def _adapt(micro: lora.LoRA, base: lora.LoRA, x: jax.Array, base_scale, micro_scale) -> jax.Array:
+  y = lora.apply(base, x, x, scale=base_scale)
+  return lora.apply(micro, x, y, scale=micro_scale)
+
+
+def adapt(state: SonaState, x, cfg: SonaConfig) -> jax.Array:
+  """The adapted embedding `x + delta_base(x) + delta_micro(x)` (identity base weight).
+
+  Args:
+    state: the learner's state.
+    x: f32[..., dim] embeddings.
+    cfg: the config.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  if x.shape[-1:] != (cfg.dim,):
+    raise ValueError(f"adapt: x has shape {x.shape}; expected [..., {cfg.dim}]")
+  return _adapt(
+    state.micro, state.base, x, jnp.float32(cfg.base_scale), jnp.float32(cfg.micro_scale)
+  )
+
+
+class Sona:
+  """A SONA learner: config, current state, clock.
+
+  Args:
+    cfg: the config.
+    key: PRNG key for the initial state.
+    checkpoint_dir: where checkpoints go (used once checkpoints land; stored now).
+    clock: a function returning Unix seconds (`time.time` by default); tests and simulations inject
+      their own. Interaction times are int32 seconds since the clock's value at construction.
+
+  Examples:
+    >>> import jax, sona_jax as sona
+    >>> cfg = sona.SonaConfig(dim=4, graph_capacity=8, signal_capacity=8, trajectory_capacity=8)
+    >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+    >>> m = engine.add_memory([1.0, 0.0, 0.0, 0.0], quality=0.8)
+    >>> it = sona.make_interaction(cfg, query=[1.0, 0, 0, 0], quality=0.1, used=[m])
+    >>> report = engine.observe(it)
+    >>> bool(report.accepted)
+    True
+  """
+
+  def __init__(
+    self,
+    cfg: SonaConfig,
+    *,
+    key: jax.Array,
+    checkpoint_dir: str | None = None,
+    clock: Callable[[], float] | None = None,
+  ):
+    if not isinstance(cfg, SonaConfig):
+      raise TypeError(f"Sona: cfg must be a SonaConfig, got {type(cfg).__name__}")
+    self.cfg = cfg
+    self.checkpoint_dir = checkpoint_dir
+    self.clock = clock or _time.time
+    self.time_origin = float(self.clock())
+    self._state = init_state(cfg, key)
+    self._lock = threading.RLock()
+
+  @property
+  def state(self) -> SonaState:
+    """The current state (a pytree of arrays; the next `observe` donates part of it)."""
+    return self._state
+
+  @state.setter
+  def state(self, value: SonaState):
+    if not isinstance(value, SonaState):
+      raise TypeError(f"state must be a SonaState, got {type(value).__name__}")
+    with self._lock:
+      self._state = value
+
+  def now(self) -> int:
+    """Seconds since the time origin, as stored in interactions and the state."""
+    return int(self.clock() - self.time_origin)
+
+  def add_memory(
+    self, embedding, *, quality: float = 0.5, time: int | None = None, domain: int = 0
+  ):
+    """Adds a memory node; returns its id. Evicts the lowest-value node when the graph is full."""
+    e = np.asarray(embedding, np.float32)
+    if e.shape != (self.cfg.dim,):
+      raise ValueError(f"add_memory: embedding has shape {e.shape}; expected ({self.cfg.dim},)")
+    if not np.all(np.isfinite(e)) or not np.any(e):
+      raise ValueError("add_memory: embedding must be finite and non-zero")
+    if not 0.0 <= float(quality) <= 1.0:
+      raise ValueError(f"add_memory: quality={quality!r}; expected [0, 1]")
+    t = self.now() if time is None else int(time)
+    with self._lock:
+      g, node_id, evicted = graph_lib.add_node(
+        self._state.graph,
+        e,
+        quality=jnp.float32(quality),
+        time=jnp.int32(t),
+        domain=jnp.int32(domain),
+        half_life_s=self.cfg.recency_half_life_s,
+      )
+      self._state = self._state._replace(graph=g)
+    evicted = int(evicted)
+    if evicted >= 0:
+      _log.info("sona_jax: memory %d evicted to make room", evicted)
+    return int(node_id)
+
+  def add_memories(self, embeddings, *, quality=0.5, time: int | None = None, domain=0):
+    """Adds a batch of memories in one call; returns their ids as a NumPy array."""
+    e = np.asarray(embeddings, np.float32)
+    if e.ndim != 2 or e.shape[1] != self.cfg.dim:
+      raise ValueError(f"add_memories: embeddings {e.shape}; expected [n, {self.cfg.dim}]")
+    if not np.all(np.isfinite(e)) or not np.all(np.any(e, axis=1)):
+      raise ValueError("add_memories: embeddings must be finite and non-zero")
+    q = np.broadcast_to(np.asarray(quality, np.float32), (e.shape[0],))
+    if np.any((q < 0) | (q > 1)):
+      raise ValueError("add_memories: quality must be in [0, 1]")
+    t = self.now() if time is None else int(time)
+    with self._lock:
+      g, ids, evicted = graph_lib.add_nodes(
+        self._state.graph,
+        e,
+        quality=q,
+        time=jnp.int32(t),
+        domain=jnp.asarray(domain, jnp.int32),
+        half_life_s=self.cfg.recency_half_life_s,
+      )
+      self._state = self._state._replace(graph=g)
+    evicted = np.asarray(evicted)
+    if np.any(evicted >= 0):
+      _log.info("sona_jax: %d memories evicted to make room", int(np.sum(evicted >= 0)))
+    return np.asarray(ids)
+
+  def observe(self, interaction: types.Interaction) -> InstantReport:
+    """Loop A on one interaction (one fused jitted transition)."""
+    with self._lock:
+      self._state, report = instant_step(self._state, interaction, self.cfg)
+    return report
+
+  def observe_many(self, interactions: types.Interaction | Sequence[types.Interaction]):
+    """Loop A on a batch (a stacked `Interaction` or a list), sequential semantics."""
+    if not isinstance(interactions, types.Interaction):
+      interactions = types.stack_interactions(list(interactions))
+    with self._lock:
+      self._state, report = instant_scan(self._state, interactions, self.cfg)
+    return report
+
+  def adapt(self, x) -> jax.Array:
+    """The adapted embedding `x + delta_base(x) + delta_micro(x)`."""
+    return adapt(self._state, x, self.cfg)

@@ -1,0 +1,426 @@
+"""Memory graph: fixed-capacity nodes, fixed-degree ELL edges, Hebbian updates (DESIGN.md 4.5).
+
+Capacity `N` and degree `K` are fixed so every update is jittable and O(K). The layout is packed for
+Loop A, which changes one edge row and a few node rows per request and pays 1-3 us per array passed
+into a jitted call:
+
+- `emb: f32[N, dim]` unit-norm node embeddings (read-only on the per-request path);
+- `edges: i32[N, 3K]`: per row, neighbour ids `[0, K)` (-1 empty), weights `[K, 2K)` as float32 bit
+  patterns, kinds `[2K, 3K)`. Ids, weights and kinds change together, so one buffer keeps the update
+  in place;
+- `node: i32[N, 8]`: per node the columns `ACCESS`, `LAST_ACCESS`, `CREATED`, `QUALITY` (f32 bits),
+  `STRENGTH` (f32 bits), `ALIVE`, `DOMAIN`, `GENERATION`.
+
+The named views (`graph.nbr`, `graph.w`, `graph.quality`, ...) decode them. Edge kinds: `HEBBIAN`
+(learned from use), `CONSOLIDATED` (Loop C), and the synthetic `CREATIVE` (dreams) and `ANALOGY`
+(cross-domain transfer), which retrieval can exclude with `exclude_synthetic=True`.
+
+Invariant: a dead node has no edges in or out, so a recycled slot never inherits stale edges
+(`add_node` clears the in-edges of a node it evicts; `remove_node` clears them on removal).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import networkx as nx
+import numpy as np
+
+__all__ = [
+  "HEBBIAN",
+  "CONSOLIDATED",
+  "CREATIVE",
+  "ANALOGY",
+  "EDGE_KINDS",
+  "Graph",
+  "init_graph",
+  "add_node",
+  "add_nodes",
+  "remove_node",
+  "node_value",
+  "strengthen",
+  "weaken",
+  "hebbian_row",
+  "hebbian_update",
+  "neighbors",
+  "make_edges",
+  "make_node",
+  "to_networkx",
+]
+
+HEBBIAN, CONSOLIDATED, CREATIVE, ANALOGY = 0, 1, 2, 3
+EDGE_KINDS = ("HEBBIAN", "CONSOLIDATED", "CREATIVE", "ANALOGY")
+
+# Columns of `Graph.node`.
+ACCESS, LAST_ACCESS, CREATED, QUALITY, STRENGTH, ALIVE, DOMAIN, GENERATION = range(8)
+NODE_FIELDS = 8
+
+
+def _f2i(x):
+  return jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.int32)
+
+
+def _i2f(x):
+  return jax.lax.bitcast_convert_type(x, jnp.float32)
+
+
+class Graph(NamedTuple):
+  """The memory graph (see the module docstring for the packed layout).
+
+  Attributes:
+    emb: f32[N, dim] unit-norm node embeddings.
+    edges: i32[N, 3K] neighbour ids, weight bits and kinds.
+    node: i32[N, 8] per-node statistics.
+  """
+
+  emb: jax.Array
+  edges: jax.Array
+  node: jax.Array
+
+  @property
+  def capacity(self) -> int:
+    return self.emb.shape[-2]
+
+  @property
+  def degree(self) -> int:
+    return self.edges.shape[-1] // 3
+
+  @property
+  def nbr(self) -> jax.Array:
+    """i32[N, K] neighbour ids, -1 for an empty slot."""
+    return self.edges[..., : self.degree]
+
+  @property
+  def w(self) -> jax.Array:
+    """f32[N, K] edge weights in [0, 1] (0 for an empty slot)."""
+    k = self.degree
+    return _i2f(self.edges[..., k : 2 * k])
+
+  @property
+  def kind(self) -> jax.Array:
+    """i32[N, K] edge kinds (`HEBBIAN`, `CONSOLIDATED`, `CREATIVE`, `ANALOGY`)."""
+    return self.edges[..., 2 * self.degree :]
+
+  @property
+  def access_count(self) -> jax.Array:
+    return self.node[..., ACCESS]
+
+  @property
+  def last_access(self) -> jax.Array:
+    return self.node[..., LAST_ACCESS]
+
+  @property
+  def created(self) -> jax.Array:
+    return self.node[..., CREATED]
+
+  @property
+  def quality(self) -> jax.Array:
+    """f32[N] quality EMA of each node."""
+    return _i2f(self.node[..., QUALITY])
+
+  @property
+  def strength(self) -> jax.Array:
+    """f32[N] memory strength (Loop C decays it)."""
+    return _i2f(self.node[..., STRENGTH])
+
+  @property
+  def alive(self) -> jax.Array:
+    return self.node[..., ALIVE] != 0
+
+  @property
+  def domain(self) -> jax.Array:
+    return self.node[..., DOMAIN]
+
+  @property
+  def generation(self) -> jax.Array:
+    """i32[N] times the slot was (re)used: ids held outside the graph can be checked against it."""
+    return self.node[..., GENERATION]
+
+
+def make_edges(nbr, w, kind) -> jax.Array:
+  """Packs `nbr i32[..., K]`, `w f32[..., K]`, `kind i32[..., K]` into an `edges` array."""
+  return jnp.concatenate(
+    [jnp.asarray(nbr, jnp.int32), _f2i(w), jnp.asarray(kind, jnp.int32)], axis=-1
+  )
+
+
+def make_node(access, last_access, created, quality, strength, alive, domain, generation):
+  """Packs per-node columns (each `[..., N]` or scalars) into a `node i32[..., 8]` array."""
+  i32 = lambda x: jnp.asarray(x, jnp.int32)
+  cols = [
+    i32(access),
+    i32(last_access),
+    i32(created),
+    _f2i(quality),
+    _f2i(strength),
+    i32(alive),
+    i32(domain),
+    i32(generation),
+  ]
+  cols = jnp.broadcast_arrays(*cols)
+  return jnp.stack(cols, axis=-1)
+
+
+def init_graph(capacity: int, dim: int, degree: int) -> Graph:
+  """An empty graph: all nodes dead, all edge slots empty."""
+  for name, v in (("capacity", capacity), ("dim", dim), ("degree", degree)):
+    if not isinstance(v, int) or v < 1:
+      raise ValueError(f"init_graph: {name} must be a positive int, got {v!r}")
+  nbr = jnp.full((capacity, degree), -1, jnp.int32)
+  zeros = jnp.zeros((capacity, degree), jnp.float32)
+  edges = make_edges(nbr, zeros, jnp.zeros((capacity, degree), jnp.int32))
+  return Graph(
+    emb=jnp.zeros((capacity, dim), jnp.float32),
+    edges=edges,
+    node=jnp.zeros((capacity, NODE_FIELDS), jnp.int32),
+  )
+
+
+def node_value(graph: Graph, now, half_life_s: float) -> jax.Array:
+  """f32[N] eviction value: `quality * (1 + log1p(access)) * strength * 0.5^(idle / half_life)`.
+
+  Dead nodes get -1, below any live node (values are >= 0), so free slots are taken first.
+  """
+  idle = jnp.maximum(jnp.asarray(now, jnp.int32) - graph.last_access, 0).astype(jnp.float32)
+  recency = jnp.exp2(-idle / jnp.float32(half_life_s))
+  access = graph.access_count.astype(jnp.float32)
+  value = jnp.clip(graph.quality, 0.0, None) * (1.0 + jnp.log1p(access)) * graph.strength * recency
+  return jnp.where(graph.alive, value, jnp.float32(-1.0))
+
+
+def _clear_in_edges(edges: jax.Array, node_id, degree: int) -> jax.Array:
+  """Clears every edge pointing at `node_id` (O(N K), off the per-request path)."""
+  nbr = edges[:, :degree]
+  hit = nbr == node_id
+  empty = jnp.concatenate(
+    [
+      jnp.full_like(nbr, -1),
+      jnp.zeros_like(nbr),  # bits of 0.0f
+      jnp.zeros_like(nbr),
+    ],
+    axis=-1,
+  )
+  hit3 = jnp.concatenate([hit, hit, hit], axis=-1)
+  return jnp.where(hit3, empty, edges)
+
+
+def _empty_row(degree: int) -> jax.Array:
+  return jnp.concatenate([jnp.full((degree,), -1, jnp.int32), jnp.zeros((2 * degree,), jnp.int32)])
+
+
+def _add_node(
+  graph: Graph,
+  embedding: jax.Array,
+  *,
+  quality=0.5,
+  time=0,
+  domain=0,
+  half_life_s: float = 7 * 86_400.0,
+):
+  """Adds a memory node: takes a free slot, or evicts the lowest-value node (`node_value`).
+
+  The embedding is stored unit-normalised. When a live node is evicted, its own edges and every
+  edge pointing at it are cleared, so the new occupant inherits nothing. The input graph is donated.
+
+  Args:
+    graph: the graph (donated).
+    embedding: f32[dim].
+    quality: initial quality EMA in [0, 1].
+    time: creation time, int seconds since the origin.
+    domain: domain label.
+    half_life_s: recency half-life of the eviction value.
+
+  Returns:
+    `(graph, node_id, evicted_id)`: the new node's id and the evicted live node's id (-1 if the slot
+    was free).
+  """
+  time = jnp.asarray(time, jnp.int32)
+  value = node_value(graph, time, half_life_s)
+  slot = jnp.argmin(value).astype(jnp.int32)
+  was_alive = graph.node[slot, ALIVE] != 0
+  k = graph.degree
+  edges = jax.lax.cond(was_alive, lambda e: _clear_in_edges(e, slot, k), lambda e: e, graph.edges)
+  edges = edges.at[slot].set(_empty_row(k))
+  e = jnp.asarray(embedding, jnp.float32)
+  e = e / jnp.maximum(jnp.linalg.norm(e), 1e-12)
+  gen = graph.node[slot, GENERATION] + 1
+  row = make_node(0, time, time, jnp.clip(quality, 0.0, 1.0), 1.0, 1, domain, gen)
+  graph = Graph(emb=graph.emb.at[slot].set(e), edges=edges, node=graph.node.at[slot].set(row))
+  return graph, slot, jnp.where(was_alive, slot, -1)
+
+
+add_node = jax.jit(_add_node, static_argnames=("half_life_s",), donate_argnums=0)
+add_node.__doc__ = _add_node.__doc__
+
+
+@functools.partial(jax.jit, static_argnames=("half_life_s",), donate_argnums=0)
+def add_nodes(graph: Graph, embeddings, *, quality=0.5, time=0, domain=0, half_life_s=7 * 86_400.0):
+  """Adds a batch of nodes in order (`lax.scan` of `add_node`); returns `(graph, ids, evicted)`.
+
+  `quality`, `time` and `domain` may be scalars or per-node arrays of length `n`.
+  """
+  n = embeddings.shape[0]
+  quality = jnp.broadcast_to(jnp.asarray(quality, jnp.float32), (n,))
+  time = jnp.broadcast_to(jnp.asarray(time, jnp.int32), (n,))
+  domain = jnp.broadcast_to(jnp.asarray(domain, jnp.int32), (n,))
+
+  def body(g, xs):
+    e, q, t, dm = xs
+    g, i, ev = _add_node(g, e, quality=q, time=t, domain=dm, half_life_s=half_life_s)
+    return g, (i, ev)
+
+  graph, (ids, evicted) = jax.lax.scan(body, graph, (embeddings, quality, time, domain))
+  return graph, ids, evicted
+
+
+@jax.jit
+def remove_node(graph: Graph, node_id) -> Graph:
+  """Marks a node dead and clears its edges in and out (keeps the invariant of the module)."""
+  node_id = jnp.asarray(node_id, jnp.int32)
+  k = graph.degree
+  edges = _clear_in_edges(graph.edges, node_id, k).at[node_id].set(_empty_row(k))
+  node = graph.node.at[node_id, ALIVE].set(0)
+  return graph._replace(edges=edges, node=node)
+
+
+def strengthen(w, rate):
+  """Hebbian strengthening `w + rate (1 - w)` (seed: +5% per use); stays in [0, 1]."""
+  return w + rate * (1.0 - w)
+
+
+def weaken(w, rate):
+  """Hebbian weakening `w (1 - rate)` (seed: -2% per skip); stays in [0, 1]."""
+  return w * (1.0 - rate)
+
+
+def hebbian_row(row: jax.Array, anchor, used, unused, *, strengthen_rate, weaken_rate):
+  """Applies the Hebbian rule to one packed edge row `i32[3K]` of node `anchor`.
+
+  Semantics, in three passes: (1) every existing edge to a used id is strengthened (and becomes
+  `HEBBIAN`: real use now supports it, even if a dream proposed it); (2) the used ids without an
+  edge, in order, each get a new `HEBBIAN` edge of weight `strengthen_rate` in the first empty
+  slot, or over the weakest slot if that slot is weaker than the new edge (a just-strengthened
+  edge never is); (3) every remaining edge to an unused id is weakened. Ids of -1 and self-loops
+  are skipped; ids are assumed distinct (Loop A rejects duplicates).
+
+  Vectorised over the ids (one match matrix, one stable sort of the K slots) rather than unrolled:
+  on CPU each small reduction is its own kernel, and Loop A's latency is mostly kernel count.
+
+  Args:
+    row: i32[3K] packed edge row.
+    anchor: the row's node id (self-loops are skipped).
+    used: i32[k] used ids, -1 padded.
+    unused: i32[k] unused ids, -1 padded.
+    strengthen_rate: Hebbian rate for used ids.
+    weaken_rate: Hebbian rate for unused ids.
+
+  Returns:
+    `(row, n_changed)`: the new row and the number of ids that changed an edge.
+  """
+  k = row.shape[-1] // 3
+  nbr, w, kind = row[:k], _i2f(row[k : 2 * k]), row[2 * k :]
+  s = jnp.float32(strengthen_rate)
+  u_valid = (used >= 0) & (used != anchor)
+  v_valid = (unused >= 0) & (unused != anchor)
+  u_match = (used[:, None] == nbr[None, :]) & u_valid[:, None]  # [k_ids, K]
+  v_match = (unused[:, None] == nbr[None, :]) & v_valid[:, None]
+  strengthened = jnp.any(u_match, axis=0)  # [K]
+  weakened = jnp.any(v_match, axis=0)
+  u_new = u_valid & ~jnp.any(u_match, axis=1)  # used ids that need a new edge
+  # Slots in the order sequential insertion would take them: empty slots by index, then the
+  # weakest first (stable sort, so ties go to the lower index, like argmin).
+  empty = nbr < 0
+  w = jnp.where(strengthened, strengthen(w, s), w)
+  order = jnp.argsort(jnp.where(empty, -1.0, w), stable=True)
+  rank = jnp.cumsum(u_new.astype(jnp.int32)) - 1  # r-th new id takes the r-th slot of `order`
+  # One-hot selections instead of gathers: on CPU each gather is its own kernel.
+  slots = jnp.arange(k, dtype=jnp.int32)
+  pick = rank[:, None] == slots[None, :]  # [k_ids, K]: rank r -> position r of `order`
+  target = jnp.sum(jnp.where(pick, order[None, :], 0), axis=1)
+  free = empty | (w < s)
+  hit = target[:, None] == slots[None, :]  # [k_ids, K]: id -> its target slot
+  target_free = jnp.any(hit & free[None, :], axis=1)
+  u_ins = u_new & (rank < k) & target_free
+  ins = hit & u_ins[:, None]  # [k_ids, K]
+  inserted = jnp.any(ins, axis=0)
+  new_id = jnp.max(jnp.where(ins, used[:, None], -1), axis=0)
+  w = jnp.where(inserted, s, w)
+  weakened = weakened & ~inserted  # an unused id whose slot a new edge just took is gone
+  w = jnp.where(weakened, weaken(w, jnp.float32(weaken_rate)), w)
+  nbr = jnp.where(inserted, new_id, nbr)
+  kind = jnp.where(strengthened | inserted, HEBBIAN, kind)
+  changed = jnp.sum(jnp.any(u_match, axis=1) | u_ins) + jnp.sum(
+    jnp.any(v_match & ~inserted[None, :], axis=1)
+  )
+  return jnp.concatenate([nbr, _f2i(w), kind]), changed.astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("strengthen_rate", "weaken_rate"))
+def hebbian_update(graph: Graph, anchor, used, unused, *, strengthen_rate=0.05, weaken_rate=0.02):
+  """Hebbian update of `anchor`'s edges (see `hebbian_row`); no-op when `anchor < 0`."""
+  anchor = jnp.asarray(anchor, jnp.int32)
+  safe = jnp.clip(anchor, 0, graph.capacity - 1)
+  row = jax.lax.dynamic_index_in_dim(graph.edges, safe, keepdims=False)
+  new_row, _ = hebbian_row(
+    row,
+    anchor,
+    jnp.asarray(used, jnp.int32),
+    jnp.asarray(unused, jnp.int32),
+    strengthen_rate=strengthen_rate,
+    weaken_rate=weaken_rate,
+  )
+  new_row = jnp.where(anchor >= 0, new_row, row)
+  return graph._replace(edges=jax.lax.dynamic_update_index_in_dim(graph.edges, new_row, safe, 0))
+
+
+def neighbors(graph: Graph, node_id, *, exclude_synthetic: bool = False):
+  """Neighbours of one node: `(ids i32[K], w f32[K], kind i32[K], mask bool[K])`.
+
+  With `exclude_synthetic`, `CREATIVE` and `ANALOGY` edges are masked out (DESIGN.md 4.5: synthetic
+  edges are always marked so retrieval can exclude them).
+  """
+  ids, w, kind = graph.nbr[node_id], graph.w[node_id], graph.kind[node_id]
+  mask = ids >= 0
+  if exclude_synthetic:
+    mask = mask & (kind != CREATIVE) & (kind != ANALOGY)
+  return jnp.where(mask, ids, -1), jnp.where(mask, w, 0.0), kind, mask
+
+
+def to_networkx(graph: Graph, *, include_embeddings: bool = False) -> nx.DiGraph:
+  """Exports the live part of the graph to a `networkx.DiGraph` for analysis.
+
+  Nodes keep their id and statistics (`quality`, `access_count`, `last_access`, `created`,
+  `strength`, `domain`, and `emb` if asked); edges keep `weight` and `kind` (a name of
+  `EDGE_KINDS`). Edges are directed from the node whose row holds them.
+  """
+  nbr = np.asarray(graph.nbr)
+  w = np.asarray(graph.w)
+  kind = np.asarray(graph.kind)
+  alive = np.asarray(graph.alive)
+  quality = np.asarray(graph.quality)
+  access = np.asarray(graph.access_count)
+  last = np.asarray(graph.last_access)
+  created = np.asarray(graph.created)
+  strength = np.asarray(graph.strength)
+  domain = np.asarray(graph.domain)
+  emb = np.asarray(graph.emb) if include_embeddings else None
+  g = nx.DiGraph()
+  for i in np.flatnonzero(alive):
+    attrs = dict(
+      quality=float(quality[i]),
+      access_count=int(access[i]),
+      last_access=int(last[i]),
+      created=int(created[i]),
+      strength=float(strength[i]),
+      domain=int(domain[i]),
+    )
+    if emb is not None:
+      attrs["emb"] = emb[i]
+    g.add_node(int(i), **attrs)
+  rows, cols = np.nonzero(nbr >= 0)
+  for i, j in zip(rows, cols, strict=True):
+    g.add_edge(int(i), int(nbr[i, j]), weight=float(w[i, j]), kind=EDGE_KINDS[int(kind[i, j])])
+  return g
