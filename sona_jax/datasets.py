@@ -19,7 +19,15 @@ import numpy as np
 from sona_jax.config import SonaConfig
 from sona_jax.types import Interaction, make_interaction
 
-__all__ = ["DriftTask", "digits_drift", "top_k_cosine", "precision_at_k", "retrieval_interaction"]
+__all__ = [
+  "DriftTask",
+  "StreamResult",
+  "digits_drift",
+  "top_k_cosine",
+  "precision_at_k",
+  "retrieval_interaction",
+  "run_drift_stream",
+]
 
 
 class DriftTask(NamedTuple):
@@ -144,3 +152,71 @@ def retrieval_interaction(
     latency_ms=latency_ms,
     time=time,
   )
+
+
+class StreamResult(NamedTuple):
+  """What `run_drift_stream` measured (precision@k values are fractions in [0, 1])."""
+
+  prequential: np.ndarray  # f32[n]: precision@k of each request, before learning from it
+  frozen: float  # held-out precision@k of the unadapted queries
+  adapted: float  # held-out precision@k of the adapted queries after the stream
+  clean: float  # held-out precision@k of the queries before the drift (the ceiling)
+  accepted: int  # interactions Loop A accepted
+
+
+def run_drift_stream(
+  engine,
+  task: DriftTask,
+  node_ids: np.ndarray,
+  *,
+  n_requests: int = 1000,
+  k: int = 5,
+  n_heldout: int = 300,
+  seed: int = 0,
+) -> StreamResult:
+  """Serves `n_requests` drifted queries through `engine` with feedback-mode Loop A learning.
+
+  Each request: adapt the query (`engine.adapt`), retrieve the top-`k` memories by cosine, judge
+  them (a memory is useful when it has the query's label), report the feedback
+  (`engine.observe`). Precision is measured on the stream before each update (prequential) and on
+  `n_heldout` queries that the stream never shows, before and after.
+
+  Args:
+    engine: a `Sona` driver holding `task.memories` as memory nodes.
+    task: the drift task.
+    node_ids: i32[m] the node id of each of `task.memories` (what `engine.add_memories` returned).
+    n_requests: stream length (queries are cycled if it exceeds the training split).
+    k: retrieval depth.
+    n_heldout: queries kept out of the stream for the before/after measurement.
+    seed: order of the stream.
+  """
+  import jax.numpy as jnp
+
+  cfg = engine.cfg
+  n = len(task.queries)
+  if not 0 < n_heldout < n:
+    raise ValueError(f"run_drift_stream: n_heldout={n_heldout} must be in (0, {n})")
+  rng = np.random.default_rng(seed)
+  perm = rng.permutation(n)
+  held, train = perm[:n_heldout], perm[n_heldout:]
+  node_ids = np.asarray(node_ids)
+  mem = task.memories
+
+  def heldout(queries):
+    return precision_at_k(queries, task.query_labels[held], mem, task.memory_labels, k)
+
+  frozen = heldout(task.queries[held])
+  clean = heldout(task.clean_queries[held])
+  preq = np.empty(n_requests, np.float32)
+  accepted = 0
+  for i in range(n_requests):
+    qi = train[i % len(train)]
+    x = task.queries[qi]
+    y = np.asarray(engine.adapt(x))
+    top = top_k_cosine(y, mem, k)[0]
+    relevant = task.memory_labels[top] == task.query_labels[qi]
+    preq[i] = relevant.mean()
+    report = engine.observe(retrieval_interaction(cfg, x, node_ids[top], relevant, time=i))
+    accepted += int(bool(report.accepted))
+  adapted = heldout(np.asarray(engine.adapt(jnp.asarray(task.queries[held]))))
+  return StreamResult(preq, frozen, adapted, clean, accepted)

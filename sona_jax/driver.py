@@ -62,10 +62,11 @@ class Sona:
 
   Examples:
     >>> import jax, sona_jax as sona
-    >>> cfg = sona.SonaConfig(dim=4, graph_capacity=8, signal_capacity=8, trajectory_capacity=8)
+    >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+    ...                       trajectory_capacity=8)
     >>> engine = sona.Sona(cfg, key=jax.random.key(0))
     >>> m = engine.add_memory([1.0, 0.0, 0.0, 0.0], quality=0.8)
-    >>> it = sona.make_interaction(cfg, query=[1.0, 0, 0, 0], quality=0.1, used=[m])
+    >>> it = sona.make_interaction(cfg, query=[0.5, 0.5, 0.0, 0.0], quality=0.1, used=[m])
     >>> report = engine.observe(it)
     >>> bool(report.accepted)
     True

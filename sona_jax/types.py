@@ -440,7 +440,7 @@ def make_interaction(
 
   Examples:
     >>> import sona_jax as sona
-    >>> cfg = sona.SonaConfig(dim=4)
+    >>> cfg = sona.SonaConfig(dim=4, base_rank=4)
     >>> it = sona.make_interaction(cfg, query=[1.0, 0.0, 0.0, 0.0], quality=0.2, used=[3])
     >>> it.used.tolist()
     [3, -1, -1, -1]

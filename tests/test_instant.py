@@ -93,11 +93,19 @@ def test_accepted_step_updates_everything_it_should():
 
 
 def test_feedback_step_matches_design_formula():
-  """The micro step equals micro_update with g = -(1 - q) t / |t| (DESIGN.md 4.1), NumPy-checked."""
+  """The micro step equals micro_update with g = -(1 - q) t / |t| (DESIGN.md 4.1), where t is
+  mean(used) - mean(unused) taken in the tangent space of the adapted query (the correction this
+  library makes to DESIGN.md, see loops/instant.py), checked against NumPy float64."""
   state, _ = _state_with_memories()
   it = _good(quality=0.2)
   emb = np.asarray(state.graph.emb, np.float64)
-  t = emb[[1, 2]].mean(0) - emb[[3]].mean(0)
+  x = np.asarray(it.query, np.float64)
+  a_b, b_b = (np.asarray(v, np.float64) for v in state.base)
+  a_m, b_m = (np.asarray(v, np.float64) for v in state.micro)
+  y = x + CFG.base_scale * (x @ a_b) @ b_b + CFG.micro_scale * (x @ a_m) @ b_m
+  u = y / np.linalg.norm(y)
+  diff = emb[[1, 2]].mean(0) - emb[[3]].mean(0)
+  t = diff - (diff @ u) * u
   g = -(1 - 0.2) * t / np.linalg.norm(t)
   expected, _ = lora.micro_update_with_norm(
     state.micro,

@@ -1,0 +1,92 @@
+"""The minimal Sona driver: memories, observations, adaptation, clock."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sona_jax as sona
+
+CFG = sona.SonaConfig(
+  dim=8, base_rank=4, graph_capacity=4, graph_degree=2, signal_capacity=16, trajectory_capacity=16
+)
+
+
+class FakeClock:
+  def __init__(self, t=1_700_000_000.0):
+    self.t = t
+
+  def __call__(self):
+    return self.t
+
+
+def test_add_memory_returns_ids_and_uses_the_clock():
+  clock = FakeClock()
+  engine = sona.Sona(CFG, key=jax.random.key(0), clock=clock)
+  clock.t += 30
+  m = engine.add_memory(np.ones(8), quality=0.7)
+  assert m == 0 and engine.now() == 30
+  g = engine.state.graph
+  assert bool(g.alive[0]) and int(g.created[0]) == 30
+  np.testing.assert_allclose(float(g.quality[0]), 0.7, rtol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(g.emb[0])), 1.0, rtol=1e-6)
+
+
+def test_full_graph_evicts_lowest_value_and_logs(caplog):
+  engine = sona.Sona(CFG, key=jax.random.key(0), clock=FakeClock())
+  ids = engine.add_memories(np.eye(8)[:4] + 0.1, quality=[0.9, 0.1, 0.8, 0.7])
+  assert ids.tolist() == [0, 1, 2, 3]
+  with caplog.at_level(logging.INFO, logger="sona_jax"):
+    new = engine.add_memory(np.eye(8)[5], quality=0.5)
+  assert new == 1, "the lowest-quality memory should be evicted"
+  assert "evicted" in caplog.text
+
+
+@pytest.mark.parametrize(
+  "emb,quality,match",
+  [
+    (np.ones(7), 0.5, "shape"),
+    (np.zeros(8), 0.5, "non-zero"),
+    (np.full(8, np.nan), 0.5, "finite"),
+    (np.ones(8), 1.5, "quality"),
+  ],
+)
+def test_add_memory_rejects_bad_input(emb, quality, match):
+  engine = sona.Sona(CFG, key=jax.random.key(0))
+  with pytest.raises(ValueError, match=match):
+    engine.add_memory(emb, quality=quality)
+
+
+def test_observe_and_observe_many_update_the_state():
+  engine = sona.Sona(CFG, key=jax.random.key(0))
+  ids = engine.add_memories(np.eye(8)[:3] + 0.05)
+  it = sona.make_interaction(CFG, query=np.ones(8), quality=0.1, used=[ids[0]], unused=[ids[1]])
+  rep = engine.observe(it)
+  assert bool(rep.accepted) and int(engine.state.step) == 1
+  reps = engine.observe_many([it, it._replace(quality=np.float32(-1)), it])
+  assert reps.values.shape == (3, 5)
+  assert np.asarray(reps.accepted).tolist() == [True, False, True]
+  assert int(engine.state.step) == 3 and int(engine.state.metrics.rejected) == 1
+
+
+def test_adapt_is_identity_at_start_and_changes_after_learning():
+  engine = sona.Sona(CFG, key=jax.random.key(0))
+  x = jnp.arange(8, dtype=jnp.float32) / 8
+  np.testing.assert_array_equal(np.asarray(engine.adapt(x)), np.asarray(x))
+  ids = engine.add_memories(np.eye(8)[:2] + 0.05)
+  for _ in range(3):
+    engine.observe(sona.make_interaction(CFG, query=x, quality=0.0, used=[ids[0]]))
+  assert not np.allclose(np.asarray(engine.adapt(x)), np.asarray(x))
+  assert engine.adapt(jnp.ones((5, 8))).shape == (5, 8)
+  with pytest.raises(ValueError, match="expected"):
+    engine.adapt(jnp.ones(3))
+
+
+def test_state_setter_checks_type():
+  engine = sona.Sona(CFG, key=jax.random.key(0))
+  with pytest.raises(TypeError):
+    engine.state = {"micro": 1}
+  with pytest.raises(TypeError):
+    sona.Sona({"dim": 8}, key=jax.random.key(0))

@@ -1,0 +1,54 @@
+"""configure_cpu_low_latency: opt-in only, warns when too late, works before JAX starts."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import sona_jax as sona
+from sona_jax import runtime
+
+
+def test_import_changes_no_global_setting():
+  code = (
+    "import os, jax, sona_jax\n"
+    "assert 'concurrency_optimized' not in os.environ.get('XLA_FLAGS', '')\n"
+    "assert jax.config.read('jax_cpu_enable_async_dispatch') is True\n"
+    "print('ok')\n"
+  )
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == "ok"
+
+
+def test_configure_before_backend_sets_both():
+  code = (
+    "import os, jax, sona_jax\n"
+    "r = sona_jax.configure_cpu_low_latency()\n"
+    "assert r == {'async_dispatch': False, 'xla_flag': True, 'backend_started': False}, r\n"
+    "assert sona_jax.runtime.LOW_LATENCY_XLA_FLAG in os.environ['XLA_FLAGS']\n"
+    "assert jax.config.read('jax_cpu_enable_async_dispatch') is False\n"
+    "assert float(jax.numpy.ones(2).sum()) == 2.0\n"
+    "print('ok')\n"
+  )
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == "ok"
+
+
+def test_configure_after_backend_started_warns(monkeypatch):
+  import jax
+
+  jax.numpy.ones(1).block_until_ready()  # the backend is running in this test process
+  monkeypatch.setenv("XLA_FLAGS", "")
+  before = jax.config.read("jax_cpu_enable_async_dispatch")
+  try:
+    with pytest.warns(RuntimeWarning, match="already started"):
+      result = sona.configure_cpu_low_latency()
+    assert result["xla_flag"] is False and result["backend_started"] is True
+    assert runtime.LOW_LATENCY_XLA_FLAG not in os.environ["XLA_FLAGS"]
+  finally:
+    jax.config.update("jax_cpu_enable_async_dispatch", before)
