@@ -21,7 +21,7 @@ def _backend_started() -> bool:
     return True
 
 
-def configure_cpu_low_latency() -> dict:
+def configure_cpu_low_latency(*, pin_cpu: int | None = None) -> dict:
   """Configures JAX on CPU for per-request latency; call once at start-up, before any computation.
 
   On CPU a per-request Loop A call is dominated by dispatch, not arithmetic. This turns off two
@@ -36,13 +36,29 @@ def configure_cpu_low_latency() -> dict:
   116 us to 35 us p50. Both settings are process-wide, so the library never changes them on import.
   On GPU/TPU they change nothing that matters.
 
+  `pin_cpu` additionally pins the calling thread, and every thread started after it (XLA's
+  intra-op pool included, when called before JAX starts), to one CPU. XLA:CPU runs independent
+  kernels of one call on its thread pool; on an otherwise idle machine waking a pool thread on
+  another core costs more than Loop A's arithmetic, and on one core it is a cheap switch
+  (`benchmarks/bench_instant.py` reports the mode as `pinned`). The price: everything JAX does in
+  this process, Loop B and C included, then runs on that one CPU. Linux only.
+
+  Args:
+    pin_cpu: a CPU index to pin to, or None (default) to leave affinity alone.
+
   Returns:
     A dict of what was applied:
-    `{"async_dispatch": False, "xla_flag": bool, "backend_started": bool}`;
+    `{"async_dispatch": False, "xla_flag": bool, "backend_started": bool, "pinned_cpu": int|None}`;
     `xla_flag` is False when the backend had already started (a `RuntimeWarning` says so).
   """
   import jax
 
+  if pin_cpu is not None:
+    if not hasattr(os, "sched_setaffinity"):
+      raise ValueError("configure_cpu_low_latency(pin_cpu=...) needs Linux (os.sched_setaffinity)")
+    allowed = os.sched_getaffinity(0)
+    if pin_cpu not in allowed:
+      raise ValueError(f"pin_cpu={pin_cpu} is not one of this process's CPUs {sorted(allowed)}")
   started = _backend_started()
   flags = os.environ.get("XLA_FLAGS", "")
   flag_set = LOW_LATENCY_XLA_FLAG in flags
@@ -59,5 +75,21 @@ def configure_cpu_low_latency() -> dict:
       os.environ["XLA_FLAGS"] = (flags + " " + LOW_LATENCY_XLA_FLAG).strip()
       flag_set = True
   jax.config.update("jax_cpu_enable_async_dispatch", False)
+  pinned = None
+  if pin_cpu is not None:
+    if started:
+      warnings.warn(
+        "configure_cpu_low_latency(pin_cpu=...): the JAX backend has already started, so its "
+        "thread pool keeps its CPUs; only the calling thread is pinned.",
+        RuntimeWarning,
+        stacklevel=2,
+      )
+    os.sched_setaffinity(0, {pin_cpu})
+    pinned = pin_cpu
   _log.info("sona_jax: CPU low-latency mode (async dispatch off, xla flag %s)", flag_set)
-  return {"async_dispatch": False, "xla_flag": flag_set, "backend_started": started}
+  return {
+    "async_dispatch": False,
+    "xla_flag": flag_set,
+    "backend_started": started,
+    "pinned_cpu": pinned,
+  }

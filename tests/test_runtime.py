@@ -27,7 +27,8 @@ def test_configure_before_backend_sets_both():
   code = (
     "import os, jax, sona_jax\n"
     "r = sona_jax.configure_cpu_low_latency()\n"
-    "assert r == {'async_dispatch': False, 'xla_flag': True, 'backend_started': False}, r\n"
+    "assert r == {'async_dispatch': False, 'xla_flag': True, 'backend_started': False,"
+    " 'pinned_cpu': None}, r\n"
     "assert sona_jax.runtime.LOW_LATENCY_XLA_FLAG in os.environ['XLA_FLAGS']\n"
     "assert jax.config.read('jax_cpu_enable_async_dispatch') is False\n"
     "assert float(jax.numpy.ones(2).sum()) == 2.0\n"
@@ -52,3 +53,23 @@ def test_configure_after_backend_started_warns(monkeypatch):
     assert runtime.LOW_LATENCY_XLA_FLAG not in os.environ["XLA_FLAGS"]
   finally:
     jax.config.update("jax_cpu_enable_async_dispatch", before)
+
+
+def test_pin_cpu_pins_the_process_threads():
+  code = (
+    "import os, jax, sona_jax\n"
+    "cpu = sorted(os.sched_getaffinity(0))[0]\n"
+    "r = sona_jax.configure_cpu_low_latency(pin_cpu=cpu)\n"
+    "assert r['pinned_cpu'] == cpu and os.sched_getaffinity(0) == {cpu}, r\n"
+    "assert float(jax.numpy.ones(3).sum()) == 3.0\n"
+    "print('ok')\n"
+  )
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == "ok"
+
+
+def test_pin_cpu_rejects_unknown_cpu():
+  with pytest.raises(ValueError, match="pin_cpu=100000"):
+    sona.configure_cpu_low_latency(pin_cpu=100_000)

@@ -204,11 +204,22 @@ def _validate(node_tab, edges, packed, cfg: SonaConfig):
   return reasons, id_nodes, edge_row
 
 
-def _direction(micro, base, emb, packed, cfg: SonaConfig):
-  """The feedback gradient `g = dL/dy` at the adapted query (DESIGN.md 4.1), and whether to step.
+class _Feedback(NamedTuple):
+  """What the feedback direction needs that does not depend on the micro-LoRA."""
 
-  Returns `(g, active, q_eff)`.
-  """
+  x: jax.Array  # f32[dim] query
+  y_base: jax.Array  # f32[dim] query through the base LoRA
+  diff: jax.Array  # f32[dim] mean(used) - mean(unused) embeddings (0 for an empty side)
+  q_eff: jax.Array  # f32 learning quality (explicit feedback when given)
+  open_gate: jax.Array  # bool: has ids to learn from and passes the seed's gate
+  grad: jax.Array  # f32[dim] supervised gradient
+  has_grad: jax.Array  # bool
+  sq_x: jax.Array  # f32 |x|^2
+  sq_grad: jax.Array  # f32 |grad|^2
+
+
+def _feedback(base, emb, packed, cfg: SonaConfig) -> _Feedback:
+  """Reads the memory embeddings of the ids and everything else the direction needs."""
   it = types.unpack(packed, cfg)
   n_nodes, k = cfg.graph_capacity, cfg.max_ids
   x, q, fb = it.query, it.quality, it.feedback
@@ -226,44 +237,70 @@ def _direction(micro, base, emb, packed, cfg: SonaConfig):
       -present[k:].astype(jnp.float32) / jnp.maximum(n_unused, 1.0),
     ]
   )
-  diff = wts @ rows
-  y_hat = lora.apply(micro, x, lora.apply(base, x, x, scale=cfg.base_scale), scale=cfg.micro_scale)
-  # Move the adapted query toward used memories and away from unused ones, more strongly the
-  # worse the answer; never by a signed advantage (DESIGN.md 4.1 explains why). DESIGN.md's
-  # cases (used - unused, used - y_hat, y_hat - unused) are taken in the tangent space of y_hat:
-  # retrieval is by cosine, and the radial part only rescales y_hat. Left in, it is harmful:
-  # with only unused memories, `y_hat - mean(unused)` pushes y_hat along itself, drift included,
-  # and on the load_digits drift stream the adapter learnt to amplify the drift (precision@5
-  # 0.63 -> 0.10). Projected, every case is the cosine gradient of used minus unused memories.
-  y_unit = y_hat / jnp.maximum(jnp.sqrt(jnp.dot(y_hat, y_hat)), 1e-12)
-  t = diff - jnp.dot(diff, y_unit) * y_unit
-  t_norm = jnp.sqrt(jnp.dot(t, t))
-  g_feedback = -(1.0 - q_eff) * t / jnp.maximum(t_norm, 1e-12)
   latency_ratio = it.latency_ms / it.target_latency_ms
   gate = (jnp.abs(q_eff - 0.5) > cfg.gate_quality_margin) | (latency_ratio > cfg.gate_latency_ratio)
-  feedback_active = (n_used + n_unused > 0) & (t_norm > 1e-12) & gate
-  active = it.has_grad | feedback_active
-  g = jnp.where(it.has_grad, it.grad, g_feedback)
-  return g, active, q_eff
-
-
-def _micro(micro, packed, g, active, reasons, cfg: SonaConfig):
-  """The micro-LoRA step, applied only when the interaction is accepted."""
-  x = types.unpack(packed, cfg).query
-  new_micro, step_norm = lora.micro_update_fast(
-    micro,
-    x,
-    g,
-    cfg.micro_lr,
-    active.astype(jnp.float32),
-    scale=cfg.micro_scale,
-    clip=cfg.micro_clip,
+  return _Feedback(
+    x=x,
+    y_base=lora.apply(base, x, x, scale=cfg.base_scale),
+    diff=wts @ rows,
+    q_eff=q_eff,
+    open_gate=(n_used + n_unused > 0) & gate,
+    grad=it.grad,
+    has_grad=it.has_grad,
+    sq_x=jnp.dot(x, x),
+    sq_grad=jnp.dot(it.grad, it.grad),
   )
+
+
+def _learn(micro, f: _Feedback, reasons, cfg: SonaConfig):
+  """The micro-LoRA step of one interaction (DESIGN.md 4.1), applied only when it is accepted.
+
+  The gradient at the adapted query `y_hat` is the caller's `grad` (supervised), or from feedback
+  `g = -(1 - q) t / |t|`: move the adapted query toward used memories and away from unused ones,
+  more strongly the worse the answer; never by a signed advantage (DESIGN.md 4.1 explains why).
+  DESIGN.md's cases (used - unused, used - y_hat, y_hat - unused) are taken in the tangent space
+  of y_hat, `t = diff - (diff . u) u` with `u = y_hat / |y_hat|`: retrieval is by cosine, and the
+  radial part only rescales y_hat. Left in, it is harmful: with only unused memories,
+  `y_hat - mean(unused)` pushes y_hat along itself, drift included, and on the load_digits drift
+  stream the adapter learnt to amplify the drift (precision@5 0.63 -> 0.10). Projected, every
+  case is the cosine gradient of used minus unused memories.
+
+  The step is `lora.micro_update_fast` written out so that all its dot products come from three
+  small matrix products (each reduction is a kernel of its own on CPU, and this chain is the
+  sequential part of `instant_scan`). Returns `(micro, step_norm, reasons, active)`.
+  """
+  a, b = micro.a, micro.b  # [d, r], [r, d]
+  s = jnp.float32(cfg.micro_scale)
+  # Products as multiply-and-sum: XLA:CPU sends tiny matrix products to a library call that
+  # costs ~10 us each, while a multiply-sum fuses into one cheap kernel.
+  xa = jnp.sum(f.x[:, None] * a, axis=0)  # [r]: x A
+  y = f.y_base + s * jnp.sum(xa[:, None] * b, axis=0)  # y_hat
+  m1 = jnp.sum(jnp.stack([y, f.diff]) * y[None, :], axis=1)  # |y|^2, diff . y
+  t = f.diff - (m1[1] / jnp.maximum(m1[0], 1e-30)) * y
+  r = b.shape[0]
+  m2 = jnp.sum(jnp.concatenate([(t * t)[None, :], b * t[None, :], b * f.grad[None, :]]), axis=1)
+  sq_t, bt, b_grad = m2[0], m2[1 : 1 + r], m2[1 + r :]  # |t|^2, B t, B grad
+  t_norm = jnp.sqrt(sq_t)
+  fb_scale = -(1.0 - f.q_eff) / jnp.maximum(t_norm, 1e-12)
+  active = f.has_grad | (f.open_gate & (t_norm > 1e-12))
+  g = jnp.where(f.has_grad, f.grad, fb_scale * t)
+  gb = jnp.where(f.has_grad, b_grad, fb_scale * bt)  # B g
+  sq_g = jnp.where(f.has_grad, f.sq_grad, fb_scale * fb_scale * sq_t)
+  coef = jnp.float32(cfg.micro_lr) * active.astype(jnp.float32) * s
+  # |u v^T|_F = |u| |v|: the step norms need only the small factors.
+  norm_b = jnp.abs(coef) * jnp.sqrt(jnp.dot(xa, xa) * sq_g)
+  norm_a = jnp.abs(coef) * jnp.sqrt(f.sq_x * jnp.dot(gb, gb))
+  step_norm = jnp.sqrt(norm_a * norm_a + norm_b * norm_b)
+  clip = jnp.float32(cfg.micro_clip)
+  coef_a = coef * jnp.minimum(1.0, clip / jnp.maximum(norm_a, 1e-30))
+  coef_b = coef * jnp.minimum(1.0, clip / jnp.maximum(norm_b, 1e-30))
+  new_a = a - f.x[:, None] * (coef_a * gb)[None, :]
+  new_b = b - (coef_b * xa)[:, None] * g[None, :]
   # A finite step norm bounds every entry of the step: one scalar check covers both factors.
   reasons = reasons | jnp.where(jnp.isfinite(step_norm), 0, NONFINITE_STEP).astype(jnp.int32)
   ok = reasons == 0
-  micro = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_micro, micro)
-  return micro, jnp.where(ok, step_norm, 0.0), reasons
+  micro = lora.LoRA(a=jnp.where(ok, new_a, a), b=jnp.where(ok, new_b, b))
+  return micro, jnp.where(ok, step_norm, 0.0), reasons, active
 
 
 def _edges(edges, edge_row, packed, reasons, cfg: SonaConfig):
@@ -310,19 +347,17 @@ def _nodes(node_tab, id_nodes, packed, q_eff, reasons, cfg: SonaConfig):
   return node_tab
 
 
-def _records(signals, trajectories, packed, q_eff, reasons, cfg: SonaConfig):
-  """Pushes the Loop A -> Loop B signal and the trajectory record (only when accepted)."""
+def _record_rows(packed, q_eff, cfg: SonaConfig):
+  """The packed signal row (Loop A -> Loop B) and trajectory row of one interaction."""
   it = types.unpack(packed, cfg)
   k = cfg.max_ids
-  x, q = it.query, it.quality
-  ok = reasons == 0
   signal_row = jnp.concatenate(
     [
-      x,
+      it.query,
       jnp.stack(
         [
           q_eff,
-          q,
+          it.quality,
           it.latency_ms / it.target_latency_ms,
           _bits(it.tier),
           _bits(it.context_tokens),
@@ -339,41 +374,40 @@ def _records(signals, trajectories, packed, q_eff, reasons, cfg: SonaConfig):
   precision = jnp.where(n_ret > 0, n_used / jnp.maximum(n_ret, 1.0), 0.0)
   traj_row = jnp.concatenate(
     [
-      x,
+      it.query,
       _bits(it.used),
       _bits(it.unused),
       jnp.stack([precision, q_eff, _bits(it.time), _bits(it.anchor)]),
     ]
   )
-  signals = buffer.push(signals, signal_row, where=ok)
-  trajectories = buffer.push(trajectories, traj_row, where=ok)
-  return signals, trajectories
+  return signal_row, traj_row
 
 
-def _counters(counters, packed, reasons, active, step_norm, edges_changed, cfg: SonaConfig):
-  """Counters and the packed report."""
-  time = types.unpack(packed, cfg).time
-  ok = reasons == 0
+def _counters(counters, time, ok, updated):
+  """Adds the outcome of one interaction (scalars) or a batch (vectors) to the counters."""
   ok_i = ok.astype(jnp.int32)
-  updated = ok & active
   idx = jnp.arange(counters.shape[0], dtype=jnp.int32)  # index masks instead of scatters
   delta = (
-    jnp.where(idx == PROCESSED, ok_i, 0)
-    + jnp.where(idx == REJECTED, 1 - ok_i, 0)
-    + jnp.where(idx == MICRO_UPDATES, updated.astype(jnp.int32), 0)
+    jnp.where(idx == PROCESSED, jnp.sum(ok_i), 0)
+    + jnp.where(idx == REJECTED, jnp.sum(1 - ok_i), 0)
+    + jnp.where(idx == MICRO_UPDATES, jnp.sum(updated.astype(jnp.int32)), 0)
   )
-  last_time = jnp.where(ok, jnp.maximum(counters, time), counters)
-  counters = jnp.where(idx == LAST_TIME, last_time, counters + delta)
-  report = jnp.stack(
+  newest = jnp.max(jnp.where(ok, time, counters[LAST_TIME]))
+  last_time = jnp.maximum(counters, newest)
+  return jnp.where(idx == LAST_TIME, last_time, counters + delta)
+
+
+def _report(ok, reasons, updated, step_norm, edges_changed):
+  return jnp.stack(
     [
       ok.astype(jnp.float32),
       _bits(reasons),
       updated.astype(jnp.float32),
       step_norm,
       edges_changed.astype(jnp.float32),
-    ]
+    ],
+    axis=-1,
   )
-  return counters, report
 
 
 def _step(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, cfg: SonaConfig):
@@ -383,17 +417,151 @@ def _step(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, c
   statistics; records; counters. Every write is masked by the acceptance decision.
   """
   reasons, id_nodes, edge_row = _validate(sub.node, sub.edges, packed, cfg)
-  g, active, q_eff = _direction(sub.micro, base, emb, packed, cfg)
-  micro, step_norm, reasons = _micro(sub.micro, packed, g, active, reasons, cfg)
+  fbk = _feedback(base, emb, packed, cfg)
+  micro, step_norm, reasons, active = _learn(sub.micro, fbk, reasons, cfg)
+  ok = reasons == 0
   edges, edges_changed = _edges(sub.edges, edge_row, packed, reasons, cfg)
-  node_tab = _nodes(sub.node, id_nodes, packed, q_eff, reasons, cfg)
-  signals, trajectories = _records(sub.signals, sub.trajectories, packed, q_eff, reasons, cfg)
-  counters, report = _counters(sub.counters, packed, reasons, active, step_norm, edges_changed, cfg)
+  node_tab = _nodes(sub.node, id_nodes, packed, fbk.q_eff, reasons, cfg)
+  signal_row, traj_row = _record_rows(packed, fbk.q_eff, cfg)
+  signals = buffer.push(sub.signals, signal_row, where=ok)
+  trajectories = buffer.push(sub.trajectories, traj_row, where=ok)
+  time = types.unpack(packed, cfg).time
+  updated = ok & active
+  counters = _counters(sub.counters, time, ok, updated)
+  report = _report(ok, reasons, updated, step_norm, edges_changed)
   return LoopAState(micro, edges, node_tab, signals, trajectories, counters), report
 
 
+def _occurrence(keys, valid, sentinel):
+  """For each item, how many earlier valid items share its key, and how many later ones do.
+
+  Args:
+    keys: i32[n]; valid: bool[n]; sentinel: a key no valid item has.
+
+  Returns:
+    `(before, after)`, i32[n] each (meaningless for invalid items).
+  """
+  n = keys.shape[0]
+  key = jnp.where(valid, keys, sentinel)
+  order = jnp.argsort(key, stable=True)  # groups equal keys, batch order inside a group
+  sk = key[order]
+  pos = jnp.arange(n, dtype=jnp.int32)
+  is_start = jnp.concatenate([jnp.ones((1,), jnp.bool_), sk[1:] != sk[:-1]])
+  is_end = jnp.concatenate([sk[1:] != sk[:-1], jnp.ones((1,), jnp.bool_)])
+  start = jax.lax.cummax(jnp.where(is_start, pos, 0))
+  end = jax.lax.cummin(jnp.where(is_end, pos, n - 1), reverse=True)
+  before = jnp.zeros((n,), jnp.int32).at[order].set(pos - start)
+  after = jnp.zeros((n,), jnp.int32).at[order].set(end - pos)
+  return before, after
+
+
+def _edges_batch(edges, its: types.Interaction, ok, cfg: SonaConfig):
+  """Hebbian updates of a batch with sequential semantics.
+
+  Rows of different anchors are independent, so the batch runs in rounds: round r applies, at
+  once, the r-th update of every anchor (typically one or two rounds).
+  """
+  n_nodes = cfg.graph_capacity
+  do = ok & (its.anchor >= 0)
+  occ, _ = _occurrence(its.anchor, do, n_nodes)
+  rounds = jnp.max(jnp.where(do, occ, -1)) + 1
+  safe = jnp.clip(its.anchor, 0, n_nodes - 1)
+  hebbian = jax.vmap(
+    lambda row, a, u, v: graph.hebbian_row(
+      row, a, u, v, strengthen_rate=cfg.hebbian_strengthen, weaken_rate=cfg.hebbian_weaken
+    )
+  )
+
+  def one_round(r, carry):
+    e, changed = carry
+    new_rows, ch = hebbian(e[safe], its.anchor, its.used, its.unused)
+    sel = do & (occ == r)
+    e = e.at[jnp.where(sel, safe, n_nodes)].set(new_rows, mode="drop")
+    return e, changed + jnp.where(sel, ch, 0)
+
+  return jax.lax.fori_loop(0, rounds, one_round, (edges, jnp.zeros(ok.shape, jnp.int32)))
+
+
+def _nodes_batch(node_tab, its: types.Interaction, q_eff, ok, cfg: SonaConfig):
+  """Node statistics of a batch with sequential semantics, in closed form.
+
+  For a node used m times in the batch with learning qualities q_1..q_m (in order), the quality
+  EMA after the batch is `(1-e)^m q_0 + sum_j e (1-e)^(m-j) q_j`; access counts add up; the last
+  access is the time of the last use.
+  """
+  n_nodes, k = cfg.graph_capacity, cfg.max_ids
+  ids = its.used.reshape(-1)
+  valid = (ok[:, None] & (its.used >= 0)).reshape(-1)
+  times = jnp.repeat(its.time, k)
+  q = jnp.repeat(q_eff, k)
+  _, after = _occurrence(ids, valid, n_nodes)
+  safe = jnp.where(valid, ids, n_nodes)  # invalid entries are dropped by the scatters
+  ema = jnp.float32(cfg.node_quality_ema)
+  keep = 1.0 - ema
+  uses = jnp.zeros((n_nodes + 1,), jnp.int32).at[safe].add(1)[:n_nodes]
+  weight = ema * keep ** after.astype(jnp.float32)
+  mixed = jnp.zeros((n_nodes + 1,), jnp.float32).at[safe].add(weight * q)[:n_nodes]
+  last = jnp.where(valid & (after == 0), ids, n_nodes)  # one entry per used node
+  old_q = jax.lax.bitcast_convert_type(node_tab[:, graph.QUALITY], jnp.float32)
+  new_q = keep ** uses.astype(jnp.float32) * old_q + mixed
+  rows = node_tab[jnp.clip(last, 0, n_nodes - 1)]
+  col = jnp.arange(node_tab.shape[1], dtype=jnp.int32)[None, :]
+  lid = jnp.clip(last, 0, n_nodes - 1)
+  rows = jnp.where(col == graph.ACCESS, rows + uses[lid][:, None], rows)
+  rows = jnp.where(col == graph.LAST_ACCESS, times[:, None], rows)
+  q_bits = jax.lax.bitcast_convert_type(new_q[lid], jnp.int32)
+  rows = jnp.where(col == graph.QUALITY, q_bits[:, None], rows)
+  return node_tab.at[last].set(rows, mode="drop")
+
+
 def _scan(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, cfg: SonaConfig):
-  return jax.lax.scan(lambda s, p: _step(s, base, emb, p, cfg), sub, packed)
+  """Loop A over a batch `packed: f32[B, width]`, equal to B sequential `_step`s.
+
+  Only the micro-LoRA chain is inherently sequential (each step reads the adapter the previous
+  one wrote), so only it runs in a `lax.scan`; validation, feedback inputs, records, Hebbian
+  updates (in rounds) and node statistics (in closed form) are vectorised over the batch.
+  """
+  its = jax.vmap(lambda p: types.unpack(p, cfg))(packed)
+  # Validation reads only the ALIVE column, which Loop A never changes: vectorised is exact.
+  reasons, _, _ = jax.vmap(lambda p: _validate(sub.node, sub.edges, p, cfg))(packed)
+  fbk = jax.vmap(lambda p: _feedback(base, emb, p, cfg))(packed)
+
+  # The scan reads one vector block and one scalar row per step (each input is a slice per step).
+  vecs = jnp.stack([fbk.x, fbk.y_base, fbk.diff, fbk.grad], axis=1)  # [B, 4, dim]
+  f32 = lambda v: v.astype(jnp.float32)
+  scalars = jnp.stack(
+    [fbk.q_eff, f32(fbk.open_gate), f32(fbk.has_grad), fbk.sq_x, fbk.sq_grad, _bits(reasons)],
+    axis=1,
+  )
+
+  def body(micro, xs):
+    v, sc = xs
+    f = _Feedback(
+      x=v[0],
+      y_base=v[1],
+      diff=v[2],
+      grad=v[3],
+      q_eff=sc[0],
+      open_gate=sc[1] > 0,
+      has_grad=sc[2] > 0,
+      sq_x=sc[3],
+      sq_grad=sc[4],
+    )
+    r = jax.lax.bitcast_convert_type(sc[5], jnp.int32)
+    micro, step_norm, r, active = _learn(micro, f, r, cfg)
+    return micro, (r, active, step_norm)
+
+  micro, (reasons, active, step_norm) = jax.lax.scan(body, sub.micro, (vecs, scalars))
+  ok = reasons == 0
+  updated = ok & active
+  edges, edges_changed = _edges_batch(sub.edges, its, ok, cfg)
+  node_tab = _nodes_batch(sub.node, its, fbk.q_eff, ok, cfg)
+  signal_rows, traj_rows = jax.vmap(lambda p, q: _record_rows(p, q, cfg))(packed, fbk.q_eff)
+  signals = buffer.push_many(sub.signals, signal_rows, where=ok)
+  trajectories = buffer.push_many(sub.trajectories, traj_rows, where=ok)
+  counters = _counters(sub.counters, its.time, ok, updated)
+  report = _report(ok, reasons, updated, step_norm, edges_changed)
+  return LoopAState(micro, edges, node_tab, signals, trajectories, counters), report
 
 
 _step_jit = jax.jit(_step, static_argnums=4, donate_argnums=0)
