@@ -1,0 +1,222 @@
+"""Loop A latency and throughput, side by side with the peer `@ruvector/sona`, in one run.
+
+Measures, at dims 256, 768 and 4096 (micro rank 2, 4 used + 4 unused ids, a graph of 10,000
+nodes x 16 slots):
+
+- `instant_step` p50/p99 per call on a prebuilt interaction, state blocked until ready;
+- `make_interaction` + `instant_step` (what a serving loop pays per request);
+- `instant_scan` throughput with batches of 256;
+
+in JAX's default CPU mode, in `configure_cpu_low_latency()` mode, and in that mode pinned to one
+CPU (`pin_cpu=`), each mode in its own subprocess (the XLA flag must be set before JAX starts).
+In the same run, the peer's per-request learning (`beginTrajectory`, `addTrajectoryStep`,
+`endTrajectory`, `flush`) at the same dims, with full-length attention arrays, and the ratio
+ours / peer. The peer column is skipped with a note when Node.js or the npm package is missing
+(`--no-install` forbids installing it).
+
+Usage: `python benchmarks/bench_instant.py [--quick] [--dims 256 768 4096] [--no-install]`.
+Writes `benchmarks/results/instant.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DEFAULT_DIMS = (256, 768, 4096)
+
+
+def _worker(mode: str, dims: list[int], n: int, batches: int) -> dict:
+  """Runs in a subprocess: measures one CPU mode."""
+  if mode in ("low_latency", "pinned"):
+    import os as _os
+
+    from sona_jax.runtime import configure_cpu_low_latency
+
+    pin = sorted(_os.sched_getaffinity(0))[0] if mode == "pinned" else None
+    applied = configure_cpu_low_latency(pin_cpu=pin)
+  else:
+    applied = {}
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  import sona_jax as sona
+  from sona_jax.loops import instant
+
+  out = {"mode": mode, "applied": applied, "jax": jax.__version__, "results": []}
+  for dim in dims:
+    cfg = sona.SonaConfig(
+      dim=dim,
+      micro_rank=2,
+      graph_capacity=10_000,
+      graph_degree=16,
+      max_ids=4,
+      signal_capacity=10_000,
+      trajectory_capacity=10_000,
+    )
+    rng = np.random.default_rng(0)
+    state = sona.init_state(cfg, jax.random.key(0))
+    g, _, _ = sona.graph.add_nodes(
+      state.graph, jnp.asarray(rng.normal(size=(10_000, dim)), jnp.float32), quality=0.5
+    )
+    state = state._replace(graph=g)
+    pool = 512
+    queries = rng.normal(size=(pool, dim)).astype(np.float32)
+    ids = np.stack([rng.choice(10_000, 9, replace=False) for _ in range(pool)])
+    quality = rng.uniform(size=pool)
+    args = [
+      dict(
+        query=queries[i],
+        quality=float(quality[i]),
+        anchor=int(ids[i, 0]),
+        used=ids[i, 1:5].tolist(),
+        unused=ids[i, 5:9].tolist(),
+        tier=int(i % 3),
+        latency_ms=float(50 + i % 200),
+        context_tokens=512,
+        time=i,
+      )
+      for i in range(pool)
+    ]
+    its = [sona.make_interaction(cfg, **a) for a in args]
+    for i in range(200):  # warm-up (compiles once)
+      state, _ = sona.instant_step(state, its[i % pool], cfg)
+    jax.block_until_ready(state)
+    step_t, full_t = [], []
+    for i in range(n):
+      t = time.perf_counter()
+      state, _ = sona.instant_step(state, its[i % pool], cfg)
+      jax.block_until_ready(state)
+      step_t.append(time.perf_counter() - t)
+    for i in range(n):
+      t = time.perf_counter()
+      it = sona.make_interaction(cfg, **args[i % pool])
+      state, _ = sona.instant_step(state, it, cfg)
+      jax.block_until_ready(state)
+      full_t.append(time.perf_counter() - t)
+    # Batched: 256 interactions per call, sequential semantics.
+    batch = sona.stack_interactions(its[:256])
+    state, _ = sona.instant_scan(state, batch, cfg)
+    jax.block_until_ready(state)
+    t = time.perf_counter()
+    for _ in range(batches):
+      state, _ = sona.instant_scan(state, batch, cfg)
+    jax.block_until_ready(state)
+    scan_s = time.perf_counter() - t
+    out["results"].append(
+      dict(
+        dim=dim,
+        step_p50_us=float(np.percentile(step_t, 50) * 1e6),
+        step_p99_us=float(np.percentile(step_t, 99) * 1e6),
+        step_mean_us=float(np.mean(step_t) * 1e6),
+        full_p50_us=float(np.percentile(full_t, 50) * 1e6),
+        full_p99_us=float(np.percentile(full_t, 99) * 1e6),
+        scan_per_s=float(batches * 256 / scan_s),
+        compiles=int(instant._step_jit._cache_size()),
+        rejected=int(state.metrics.rejected),
+      )
+    )
+  return out
+
+
+def _run_mode(mode: str, dims: list[int], n: int, batches: int) -> dict:
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # each mode sets what it needs; nothing inherited
+  cmd = [sys.executable, __file__, "--worker", mode, "--n", str(n), "--batches", str(batches)]
+  cmd += ["--dims", *map(str, dims)]
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+  if proc.returncode != 0:
+    raise RuntimeError(f"worker {mode} failed:\n{proc.stderr[-3000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--dims", type=int, nargs="+", default=list(DEFAULT_DIMS))
+  p.add_argument("--n", type=int, default=3000, help="timed calls per dim and mode")
+  p.add_argument("--batches", type=int, default=40, help="timed instant_scan batches of 256")
+  p.add_argument("--quick", action="store_true", help="fewer calls (smoke run)")
+  p.add_argument("--no-install", action="store_true", help="never npm-install the peer")
+  p.add_argument("--worker", help=argparse.SUPPRESS)
+  a = p.parse_args(argv)
+  if a.quick:
+    a.n, a.batches = 500, 5
+  if a.worker:
+    print(json.dumps(_worker(a.worker, a.dims, a.n, a.batches)))
+    return 0
+
+  sys.path.insert(0, str(HERE))
+  import _peer
+
+  modes = {m: _run_mode(m, a.dims, a.n, a.batches) for m in ("default", "low_latency", "pinned")}
+  ok, why = _peer.ensure_peer(install=not a.no_install)
+  peer, note = (None, why)
+  if ok:
+    peer, note = _peer.run_peer_instant(a.dims, n=a.n, warmup=200)
+  peer_by_dim = {r["dim"]: r for r in (peer or {}).get("results", [])}
+
+  header = (
+    f"{'dim':>5} {'mode':<12} {'step p50':>9} {'step p99':>9} {'make+step':>10} "
+    f"{'scan/s':>10} {'peer p50':>9} {'ratio':>6} {'ratio(m+s)':>10}"
+  )
+  lines = [header, "-" * len(header)]
+  rows = []
+  for dim in a.dims:
+    for mode, res in modes.items():
+      r = next(x for x in res["results"] if x["dim"] == dim)
+      pr = peer_by_dim.get(dim)
+      ratio = r["step_p50_us"] / pr["p50_us"] if pr else None
+      ratio_full = r["full_p50_us"] / pr["p50_us"] if pr else None
+      rows.append(
+        dict(r, mode=mode, peer_p50_us=pr and pr["p50_us"], ratio=ratio, ratio_make_step=ratio_full)
+      )
+      lines.append(
+        f"{dim:>5} {mode:<12} {r['step_p50_us']:>7.1f}us {r['step_p99_us']:>7.1f}us "
+        f"{r['full_p50_us']:>8.1f}us {r['scan_per_s']:>10,.0f} "
+        + (
+          f"{pr['p50_us']:>7.1f}us {ratio:>6.2f} {ratio_full:>10.2f}"
+          if pr
+          else f"{'-':>9} {'-':>6} {'-':>10}"
+        )
+      )
+  table = "\n".join(lines)
+  print(table)
+  if not peer:
+    print(f"\npeer column skipped: {note}")
+  else:
+    print(
+      f"\npeer: @ruvector/sona {peer.get('version')} on Node {peer.get('node')} "
+      "(beginTrajectory + addTrajectoryStep + endTrajectory + flush, attention of length dim)"
+    )
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  out = dict(
+    benchmark="instant",
+    time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    machine=dict(
+      platform=platform.platform(), cpus=os.cpu_count(), python=platform.python_version()
+    ),
+    config=dict(
+      micro_rank=2, graph_capacity=10_000, graph_degree=16, used=4, unused=4, n=a.n, scan_batch=256
+    ),
+    rows=rows,
+    peer=peer,
+    peer_note=note,
+    table=table,
+  )
+  path = RESULTS / "instant.json"
+  path.write_text(json.dumps(out, indent=2))
+  print(f"\nwrote {path.relative_to(HERE.parent)}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
