@@ -251,6 +251,40 @@ def _feedback(base, emb, packed, cfg: SonaConfig) -> _Feedback:
   )
 
 
+def _feedback_batch(base, emb, its: types.Interaction, cfg: SonaConfig) -> _Feedback:
+  """`_feedback` for a batch (leading axis on every field), with the same values.
+
+  The embedding rows are read as one gather per id slot and accumulated with their weights: on
+  XLA:CPU that is ~15x faster than gathering a [B, 2k, dim] block and contracting it.
+  """
+  n_nodes, k = cfg.graph_capacity, cfg.max_ids
+  x, q, fb = its.query, its.quality, its.feedback
+  q_eff = jnp.where(jnp.isnan(fb), q, fb)
+  ids = jnp.concatenate([its.used, its.unused], axis=1)  # [B, 2k]
+  present = (ids >= 0).astype(jnp.float32)
+  safe_ids = jnp.clip(ids, 0, n_nodes - 1)
+  n_used = jnp.sum(present[:, :k], axis=1, keepdims=True)
+  n_unused = jnp.sum(present[:, k:], axis=1, keepdims=True)
+  wts = jnp.concatenate(
+    [present[:, :k] / jnp.maximum(n_used, 1.0), -present[:, k:] / jnp.maximum(n_unused, 1.0)],
+    axis=1,
+  )
+  diff = sum(wts[:, j : j + 1] * jnp.take(emb, safe_ids[:, j], axis=0) for j in range(2 * k))
+  latency_ratio = its.latency_ms / its.target_latency_ms
+  gate = (jnp.abs(q_eff - 0.5) > cfg.gate_quality_margin) | (latency_ratio > cfg.gate_latency_ratio)
+  return _Feedback(
+    x=x,
+    y_base=lora.apply(base, x, x, scale=cfg.base_scale),
+    diff=diff,
+    q_eff=q_eff,
+    open_gate=(n_used[:, 0] + n_unused[:, 0] > 0) & gate,
+    grad=its.grad,
+    has_grad=its.has_grad,
+    sq_x=jnp.sum(x * x, axis=1),
+    sq_grad=jnp.sum(its.grad * its.grad, axis=1),
+  )
+
+
 def _learn(micro, f: _Feedback, reasons, cfg: SonaConfig):
   """The micro-LoRA step of one interaction (DESIGN.md 4.1), applied only when it is accepted.
 
@@ -523,7 +557,7 @@ def _scan(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, c
   its = jax.vmap(lambda p: types.unpack(p, cfg))(packed)
   # Validation reads only the ALIVE column, which Loop A never changes: vectorised is exact.
   reasons, _, _ = jax.vmap(lambda p: _validate(sub.node, sub.edges, p, cfg))(packed)
-  fbk = jax.vmap(lambda p: _feedback(base, emb, p, cfg))(packed)
+  fbk = _feedback_batch(base, emb, its, cfg)
 
   # The scan reads one vector block and one scalar row per step (each input is a slice per step).
   vecs = jnp.stack([fbk.x, fbk.y_base, fbk.diff, fbk.grad], axis=1)  # [B, 4, dim]
@@ -548,9 +582,11 @@ def _scan(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, c
     )
     r = jax.lax.bitcast_convert_type(sc[5], jnp.int32)
     micro, step_norm, r, active = _learn(micro, f, r, cfg)
-    return micro, (r, active, step_norm)
+    return micro, jnp.stack([_bits(r), active.astype(jnp.float32), step_norm])  # one output
 
-  micro, (reasons, active, step_norm) = jax.lax.scan(body, sub.micro, (vecs, scalars))
+  micro, out = jax.lax.scan(body, sub.micro, (vecs, scalars))
+  reasons = jax.lax.bitcast_convert_type(out[:, 0], jnp.int32)
+  active, step_norm = out[:, 1] > 0, out[:, 2]
   ok = reasons == 0
   updated = ok & active
   edges, edges_changed = _edges_batch(sub.edges, its, ok, cfg)
@@ -563,8 +599,24 @@ def _scan(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, c
   return LoopAState(micro, edges, node_tab, signals, trajectories, counters), report
 
 
-_step_jit = jax.jit(_step, static_argnums=4, donate_argnums=0)
-_scan_jit = jax.jit(_scan, static_argnums=4, donate_argnums=0)
+# XLA:CPU runs a program as a dataflow graph of small kernels and hands independent ones to its
+# thread pool; for Loop A's ~80 tiny kernels, waking pool threads costs more than the arithmetic.
+# The memory-optimised scheduler reuses buffers, which chains the kernels so that the runtime runs
+# them inline in the calling thread: measured at dim 768 on 2 cores, 49 us p50 against 150-200 us
+# with the default scheduler. A per-function compiler option, so no global setting changes (the
+# xla_cpu_* options are ignored by other backends).
+_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+_step_jit = jax.jit(_step, static_argnums=4, donate_argnums=0, compiler_options=_COMPILER_OPTIONS)
+_scan_jit = jax.jit(_scan, static_argnums=4, donate_argnums=0, compiler_options=_COMPILER_OPTIONS)
+
+
+_Tracer = jax.core.Tracer
+
+
+def _traced(packed, state: SonaState) -> bool:
+  """Whether we are inside a user's transformation (then the step is inlined, not jitted: a
+  nested jit may not carry compiler options)."""
+  return isinstance(packed, _Tracer) or isinstance(state.micro.a, _Tracer)
 
 
 def _split(state: SonaState) -> LoopAState:
@@ -630,7 +682,8 @@ def instant_step(state: SonaState, interaction: types.Interaction, cfg: SonaConf
   """
   _check_state(state, cfg)
   packed = types.pack(interaction, cfg)
-  sub, report = _step_jit(_split(state), state.base, state.graph.emb, packed, cfg)
+  step = _step if _traced(packed, state) else _step_jit  # inside a user's jit: inline
+  sub, report = step(_split(state), state.base, state.graph.emb, packed, cfg)
   return _merge(state, sub), InstantReport(report)
 
 
@@ -650,5 +703,6 @@ def instant_scan(state: SonaState, interactions: types.Interaction, cfg: SonaCon
   """
   _check_state(state, cfg)
   packed = types.pack(interactions, cfg, batched=True)
-  sub, report = _scan_jit(_split(state), state.base, state.graph.emb, packed, cfg)
+  scan = _scan if _traced(packed, state) else _scan_jit
+  sub, report = scan(_split(state), state.base, state.graph.emb, packed, cfg)
   return _merge(state, sub), InstantReport(report)
