@@ -10,6 +10,7 @@ from sona_jax import lora as lora
 from sona_jax import types as types
 from sona_jax.config import SonaConfig as SonaConfig
 from sona_jax.driver import Sona as Sona
+from sona_jax.driver import adapt as adapt
 from sona_jax.loops.instant import InstantReport as InstantReport
 from sona_jax.loops.instant import instant_scan as instant_scan
 from sona_jax.loops.instant import instant_step as instant_step
