@@ -121,7 +121,7 @@ def _worker(mode: str, dims: list[int], n: int, batches: int) -> dict:
         full_p50_us=float(np.percentile(full_t, 50) * 1e6),
         full_p99_us=float(np.percentile(full_t, 99) * 1e6),
         scan_per_s=float(batches * 256 / scan_s),
-        compiles=int(instant._step_jit._cache_size()),
+        compiles=int(instant._jitted()[0]._cache_size()),
         rejected=int(state.metrics.rejected),
       )
     )

@@ -33,6 +33,8 @@ deleted). Copy it first (`jax.tree.map(jnp.copy, state)`) to keep it.
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import NamedTuple
 
 import jax
@@ -243,10 +245,14 @@ def _feedback(base, emb, packed, cfg: SonaConfig) -> _Feedback:
   )
   latency_ratio = it.latency_ms / it.target_latency_ms
   gate = (jnp.abs(q_eff - 0.5) > cfg.gate_quality_margin) | (latency_ratio > cfg.gate_latency_ratio)
+  # Products as multiply-and-sum: XLA:CPU sends small matrix products to a library call that
+  # cost ~10-20 us each at dim 4096, while a multiply-sum fuses into one cheap kernel.
+  xa_base = jnp.sum(x[:, None] * base.a, axis=0)  # [r_b]
+  y_base = x + jnp.float32(cfg.base_scale) * jnp.sum(xa_base[:, None] * base.b, axis=0)
   return _Feedback(
     x=x,
-    y_base=lora.apply(base, x, x, scale=cfg.base_scale),
-    diff=wts @ rows,
+    y_base=y_base,
+    diff=jnp.sum(wts[:, None] * rows, axis=0),
     q_eff=q_eff,
     open_gate=(n_used + n_unused > 0) & gate,
     grad=it.grad,
@@ -604,15 +610,31 @@ def _scan(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, c
   return LoopAState(micro, edges, node_tab, signals, trajectories, counters), report
 
 
-# XLA:CPU runs a program as a dataflow graph of small kernels and hands independent ones to its
-# thread pool; for Loop A's ~80 tiny kernels, waking pool threads costs more than the arithmetic.
-# The memory-optimised scheduler reuses buffers, which chains the kernels so that the runtime runs
-# them inline in the calling thread: measured at dim 768 on 2 cores, 49 us p50 against 150-200 us
-# with the default scheduler. A per-function compiler option, so no global setting changes (the
-# xla_cpu_* options are ignored by other backends).
-_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
-_step_jit = jax.jit(_step, static_argnums=4, donate_argnums=0, compiler_options=_COMPILER_OPTIONS)
-_scan_jit = jax.jit(_scan, static_argnums=4, donate_argnums=0, compiler_options=_COMPILER_OPTIONS)
+# Per-function XLA:CPU options (no global setting changes; other backends ignore xla_cpu_*):
+# - the memory-optimised scheduler: XLA:CPU runs a program as a dataflow graph of small kernels
+#   and hands independent ones to its thread pool; for Loop A's ~80 tiny kernels, waking pool
+#   threads costs more than the arithmetic. Buffer reuse chains the kernels so that the runtime
+#   runs them inline: dim 768 on 2 cores, ~50 us p50 against 150-200 us with the default;
+# - no YNNPACK fusions: they route Loop A's small matrix-vector products to a library call costing
+#   10-50 us each at dim 4096 (single step 170 -> 120 us; instant_scan 79k -> 109k/s at 768).
+_COMPILER_OPTIONS = {
+  "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+  "xla_cpu_experimental_ynn_fusion_type": "",
+}
+
+
+@functools.cache
+def _jitted():
+  """`(step, scan)` jitted with `_COMPILER_OPTIONS`, or without them on an XLA that lacks them."""
+  options = dict(_COMPILER_OPTIONS)
+  try:
+    jax.jit(lambda v: v + 1, compiler_options=options).lower(jnp.float32(0)).compile()
+  except Exception as e:  # an option this XLA does not know: compile plainly, and say so
+    logging.getLogger("sona_jax").warning("Loop A compiles without %s: %s", options, e)
+    options = {}
+  step = jax.jit(_step, static_argnums=4, donate_argnums=0, compiler_options=options)
+  scan = jax.jit(_scan, static_argnums=4, donate_argnums=0, compiler_options=options)
+  return step, scan
 
 
 _Tracer = jax.core.Tracer
@@ -687,7 +709,7 @@ def instant_step(state: SonaState, interaction: types.Interaction, cfg: SonaConf
   """
   _check_state(state, cfg)
   packed = types.pack(interaction, cfg)
-  step = _step if _traced(packed, state) else _step_jit  # inside a user's jit: inline
+  step = _step if _traced(packed, state) else _jitted()[0]  # inside a user's jit: inline
   sub, report = step(_split(state), state.base, state.graph.emb, packed, cfg)
   return _merge(state, sub), InstantReport(report)
 
@@ -708,6 +730,6 @@ def instant_scan(state: SonaState, interactions: types.Interaction, cfg: SonaCon
   """
   _check_state(state, cfg)
   packed = types.pack(interactions, cfg, batched=True)
-  scan = _scan if _traced(packed, state) else _scan_jit
+  scan = _scan if _traced(packed, state) else _jitted()[1]
   sub, report = scan(_split(state), state.base, state.graph.emb, packed, cfg)
   return _merge(state, sub), InstantReport(report)
