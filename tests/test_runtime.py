@@ -10,6 +10,14 @@ import sona_jax as sona
 from sona_jax import runtime
 
 
+def _run_fresh(code: str) -> str:
+  """Runs `code` in a fresh interpreter (JAX not started, no inherited XLA_FLAGS); its stdout."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+  assert out.returncode == 0, out.stderr
+  return out.stdout.strip()
+
+
 def test_import_changes_no_global_setting():
   code = (
     "import os, jax, sona_jax\n"
@@ -17,10 +25,7 @@ def test_import_changes_no_global_setting():
     "assert jax.config.read('jax_cpu_enable_async_dispatch') is True\n"
     "print('ok')\n"
   )
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-  assert out.returncode == 0, out.stderr
-  assert out.stdout.strip() == "ok"
+  assert _run_fresh(code) == "ok"
 
 
 def test_configure_before_backend_sets_both():
@@ -34,10 +39,7 @@ def test_configure_before_backend_sets_both():
     "assert float(jax.numpy.ones(2).sum()) == 2.0\n"
     "print('ok')\n"
   )
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-  assert out.returncode == 0, out.stderr
-  assert out.stdout.strip() == "ok"
+  assert _run_fresh(code) == "ok"
 
 
 def test_configure_after_backend_started_warns(monkeypatch):
@@ -64,10 +66,7 @@ def test_pin_cpu_pins_the_process_threads():
     "assert float(jax.numpy.ones(3).sum()) == 3.0\n"
     "print('ok')\n"
   )
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-  assert out.returncode == 0, out.stderr
-  assert out.stdout.strip() == "ok"
+  assert _run_fresh(code) == "ok"
 
 
 def test_pin_cpu_rejects_unknown_cpu():
