@@ -8,14 +8,15 @@ Hot-path economy (DESIGN.md section 3): on CPU a per-request call costs mostly d
 array passed in. So the call takes only the sub-state Loop A changes (`LoopAState`: the micro-LoRA,
 the packed edge and node arrays, the two ring buffers and the counters), donates it so every update
 happens in place, reads the base LoRA and the embedding table without copying, receives the
-interaction as ONE packed vector (`types.pack`), reads table rows with unrolled `dynamic_slice`
-instead of XLA gathers, and never retraces after the first call.
+interaction as ONE packed vector (`types.pack`), reads embedding rows with unrolled
+`dynamic_slice` (an XLA:CPU gather on the large table costs more) and node rows with one small
+gather, and never retraces after the first call.
 
 XLA:CPU runs the ~80 small kernels of a call as a dataflow graph and hands independent ones to
 its thread pool; on a small idle machine waking a pool thread costs more than the arithmetic. The
-step is therefore compiled with the memory-optimised scheduler (`_COMPILER_OPTIONS`, a
-per-function option), whose buffer reuse chains the kernels so that they run inline in the
-calling thread (dim 768 on 2 cores: ~150-200 us p50 before, ~50-70 us after).
+step is therefore compiled with the memory-optimised scheduler (`_COMPILER_OPTIONS`, per-function
+options), whose buffer reuse chains the kernels so that they run inline in the calling thread
+(dim 768 on 2 cores: ~150-200 us p50 before, ~50-75 us after).
 
 `instant_scan` gives a batch sequential semantics but runs sequentially only what must be: the
 micro-LoRA chain (each step reads the adapter the previous one wrote) is a lean `lax.scan`;
