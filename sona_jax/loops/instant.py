@@ -367,10 +367,7 @@ def _edges(edges, edge_row, packed, reasons, cfg: SonaConfig):
 
 
 def _nodes(node_tab, id_nodes, packed, q_eff, reasons, cfg: SonaConfig):
-  """Access count, last access and quality EMA of the used memories.
-
-  A padded slot writes the first used id's new row again (harmless), never a stale row 0.
-  """
+  """Access count, last access and quality EMA of the used memories (one scatter of k rows)."""
   it = types.unpack(packed, cfg)
   k = cfg.max_ids
   present = it.used >= 0
@@ -384,12 +381,9 @@ def _nodes(node_tab, id_nodes, packed, q_eff, reasons, cfg: SonaConfig):
   new_rows = jnp.where(col == graph.LAST_ACCESS, it.time, new_rows)
   new_rows = jnp.where(col == graph.QUALITY, new_q[:, None], new_rows)
   new_rows = jnp.where(reasons == 0, new_rows, used_rows)
-  first = jnp.argmax(present)
-  for j in range(k):
-    target = jnp.where(present[j], safe_ids[j], safe_ids[first])
-    row = jnp.where(present[j], new_rows[j], new_rows[first])
-    node_tab = _put_row(node_tab, row, target)
-  return node_tab
+  # One scatter of the k rows (ids are distinct); padded slots point past the table and drop.
+  targets = jnp.where(present, safe_ids, cfg.graph_capacity)
+  return node_tab.at[targets].set(new_rows, mode="drop", unique_indices=True)
 
 
 def _record_rows(packed, q_eff, cfg: SonaConfig):
