@@ -5,12 +5,17 @@ consolidates; Loop C (weekly) restructures memory. Every step is a pure, jitted 
 """
 
 from sona_jax import buffer as buffer
+from sona_jax import ewc as ewc
 from sona_jax import graph as graph
 from sona_jax import lora as lora
+from sona_jax import patterns as patterns
+from sona_jax import router as router
 from sona_jax import types as types
 from sona_jax.config import SonaConfig as SonaConfig
 from sona_jax.driver import Sona as Sona
 from sona_jax.driver import adapt as adapt
+from sona_jax.loops.background import BackgroundReport as BackgroundReport
+from sona_jax.loops.background import background_step as background_step
 from sona_jax.loops.instant import InstantReport as InstantReport
 from sona_jax.loops.instant import instant_scan as instant_scan
 from sona_jax.loops.instant import instant_step as instant_step

@@ -65,6 +65,21 @@ class SonaConfig:
     pattern_clusters: k of the Loop B k-means++ pattern extraction (seed: 50).
     min_samples: Loop B skips a scheduled cycle with fewer waiting signals (seed).
     background_interval_s: Loop B period in seconds (seed: hourly).
+    success_threshold: a served request succeeded when its learning quality is >= this (router
+      labels, pattern tier statistics).
+    router_hidden: FastGRNN hidden width.
+    router_proj_dim: width of the fixed random projection of the query in the router features.
+    router_lr: Adam learning rate of the router.
+    router_steps: router mini-batch steps per Loop B cycle.
+    router_batch: router mini-batch size.
+    router_threshold: `route` picks the cheapest tier predicted to succeed with this probability.
+    router_epsilon: exploration rate of `route` (unchosen tiers keep being learnt).
+    ewc_lambda: EWC++ penalty strength on the router (a permuted-digits sweep in
+      tests/test_ewc.py found 100 keeps most of the old task at ~1 point of the new one).
+    ewc_alpha: EWC++ weight of the NEW Fisher estimate (Chaudhry et al. 2018).
+    fisher_samples: signals used for the per-sample gradients of the Fisher estimate.
+    bank_capacity: number of patterns the ReasoningBank holds.
+    pattern_merge_threshold: a new pattern merges into its nearest one at this cosine or above.
   """
 
   dim: int
@@ -91,6 +106,19 @@ class SonaConfig:
   pattern_clusters: int = 50
   min_samples: int = 100
   background_interval_s: int = 3600
+  success_threshold: float = 0.5
+  router_hidden: int = 16
+  router_proj_dim: int = 16
+  router_lr: float = 1e-2
+  router_steps: int = 100
+  router_batch: int = 128
+  router_threshold: float = 0.8
+  router_epsilon: float = 0.05
+  ewc_lambda: float = 100.0
+  ewc_alpha: float = 0.3
+  fisher_samples: int = 256
+  bank_capacity: int = 1000
+  pattern_merge_threshold: float = 0.9
 
   def __post_init__(self):
     _check_range("dim", self.dim, 1, 1 << 16, integer=True)
@@ -134,6 +162,19 @@ class SonaConfig:
     _check_range("pattern_clusters", self.pattern_clusters, 1, 4096, integer=True)
     _check_range("min_samples", self.min_samples, 1, None, integer=True)
     _check_range("background_interval_s", self.background_interval_s, 1, None, integer=True)
+    _check_range("success_threshold", self.success_threshold, 0.0, 1.0, integer=False)
+    _check_range("router_hidden", self.router_hidden, 1, 1024, integer=True)
+    _check_range("router_proj_dim", self.router_proj_dim, 1, 1024, integer=True)
+    _check_range("router_lr", self.router_lr, 0.0, 10.0, integer=False)
+    _check_range("router_steps", self.router_steps, 0, 100_000, integer=True)
+    _check_range("router_batch", self.router_batch, 1, 1 << 16, integer=True)
+    _check_range("router_threshold", self.router_threshold, 0.0, 1.0, integer=False)
+    _check_range("router_epsilon", self.router_epsilon, 0.0, 1.0, integer=False)
+    _check_range("ewc_lambda", self.ewc_lambda, 0.0, None, integer=False)
+    _check_range("ewc_alpha", self.ewc_alpha, 0.0, 1.0, integer=False)
+    _check_range("fisher_samples", self.fisher_samples, 1, 1 << 16, integer=True)
+    _check_range("bank_capacity", self.bank_capacity, 1, 1 << 20, integer=True)
+    _check_range("pattern_merge_threshold", self.pattern_merge_threshold, -1.0, 1.0, integer=False)
 
   @property
   def micro_scale(self) -> float:

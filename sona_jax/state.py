@@ -8,12 +8,14 @@ is a plain array that checkpoints and restores exactly.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from sona_jax import buffer, graph, lora, types
+from sona_jax import buffer, ewc, graph, lora, patterns, router, types
 from sona_jax.config import SonaConfig
 
 __all__ = [
@@ -69,6 +71,11 @@ class SonaState(NamedTuple):
     graph: the memory graph (`graph.Graph`).
     metrics: Loop A counters (`Metrics`).
     key: u32[2] raw PRNG key data (`jax.random.wrap_key_data` turns it back into a key).
+    router: the FastGRNN tier router and its optimiser state (`router.RouterState`).
+    ewc: EWC++ Fisher and anchor of the router parameters (`ewc.EWCState`).
+    bank: the ReasoningBank of patterns (`patterns.Bank`).
+    router_proj: f32[dim, router_proj_dim] fixed random projection of queries into the router's
+      features (not learnt; kept in the state so a restored learner routes the same way).
   """
 
   micro: lora.LoRA
@@ -78,11 +85,32 @@ class SonaState(NamedTuple):
   graph: graph.Graph
   metrics: Metrics
   key: jax.Array
+  router: router.RouterState
+  ewc: ewc.EWCState
+  bank: patterns.Bank
+  router_proj: jax.Array
 
   @property
   def step(self) -> jax.Array:
     """Number of interactions Loop A has processed (accepted)."""
     return self.metrics.counters[..., PROCESSED]
+
+
+def router_features_width(cfg: SonaConfig) -> int:
+  """Width of the router's feature vector (`router.router_features`)."""
+  return cfg.router_proj_dim + 2 + cfg.n_tiers
+
+
+@functools.cache
+def router_optimizer(cfg: SonaConfig) -> optax.GradientTransformation:
+  """The router's optimiser: the EWC++ penalty gradient, then Adam (DESIGN.md 4.2, 4.3)."""
+  return optax.chain(ewc.ewc_regularize(cfg.ewc_lambda), optax.adam(cfg.router_lr))
+
+
+@functools.cache
+def router_apply(cfg: SonaConfig):
+  """`apply_fn(params, f32[T, F]) -> f32[n_tiers]` success logits of the router."""
+  return router.router_apply_fn(cfg.n_tiers, hidden=cfg.router_hidden)
 
 
 def init_state(cfg: SonaConfig, key: jax.Array) -> SonaState:
@@ -100,7 +128,7 @@ def init_state(cfg: SonaConfig, key: jax.Array) -> SonaState:
     raise TypeError(f"init_state: cfg must be a SonaConfig, got {type(cfg).__name__}")
   if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.wrap_key_data(key)
-  k_micro, k_base, k_state = jax.random.split(key, 3)
+  k_micro, k_base, k_state, k_router, k_proj = jax.random.split(key, 5)
   d = cfg.dim
   micro = lora.init_lora(k_micro, d, d, cfg.micro_rank)
   base = lora.init_lora(k_base, d, d, cfg.base_rank)
@@ -110,6 +138,14 @@ def init_state(cfg: SonaConfig, key: jax.Array) -> SonaState:
   trajectories = buffer.init_buffer(
     jax.ShapeDtypeStruct((types.trajectory_width(cfg),), jnp.float32), cfg.trajectory_capacity
   )
+  with jax.numpy_dtype_promotion("standard"):  # optax's Adam state mixes int and float scalars
+    rstate = router.init_router(
+      k_router,
+      router_features_width(cfg),
+      cfg.n_tiers,
+      router_optimizer(cfg),
+      hidden=cfg.router_hidden,
+    )
   return SonaState(
     micro=micro,
     base=base,
@@ -118,4 +154,8 @@ def init_state(cfg: SonaConfig, key: jax.Array) -> SonaState:
     graph=graph.init_graph(cfg.graph_capacity, d, cfg.graph_degree),
     metrics=Metrics(counters=jnp.zeros((N_COUNTERS,), jnp.int32)),
     key=jax.random.key_data(k_state),
+    router=rstate,
+    ewc=ewc.init_ewc(rstate.params),
+    bank=patterns.init_bank(cfg.bank_capacity, d, cfg.n_tiers),
+    router_proj=jax.random.normal(k_proj, (d, cfg.router_proj_dim), jnp.float32) / d**0.5,
   )

@@ -1,0 +1,124 @@
+"""Loop B: skip below min_samples, signals consumed once, consolidation, router, Fisher, bank."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sona_jax as sona
+from sona_jax import buffer, lora
+from sona_jax.loops import background
+
+CFG = sona.SonaConfig(
+  dim=16,
+  base_rank=4,
+  graph_capacity=64,
+  graph_degree=4,
+  signal_capacity=256,
+  trajectory_capacity=64,
+  min_samples=50,
+  pattern_clusters=4,
+  bank_capacity=8,
+  router_steps=30,
+  router_batch=32,
+  fisher_samples=32,
+)
+
+
+def _served(n, seed=0):
+  """A state with memories and `n` accepted interactions in its signal buffer."""
+  state = sona.init_state(CFG, jax.random.key(seed))
+  rng = np.random.default_rng(seed)
+  g, ids, _ = sona.graph.add_nodes(
+    state.graph, jnp.asarray(rng.normal(size=(32, CFG.dim)), jnp.float32), quality=0.5
+  )
+  state = state._replace(graph=g)
+  ids = np.asarray(ids)
+  its = []
+  for i in range(n):
+    pick = rng.choice(32, 3, replace=False)
+    its.append(
+      sona.make_interaction(
+        CFG,
+        query=rng.normal(size=CFG.dim).astype(np.float32),
+        quality=float(rng.uniform()),
+        used=[int(ids[pick[0]])],
+        unused=[int(ids[pick[1]])],
+        tier=int(rng.integers(CFG.n_tiers)),
+        latency_ms=float(rng.uniform(10, 400)),
+        context_tokens=int(rng.integers(0, 4000)),
+        time=i,
+      )
+    )
+  state, _ = sona.instant_scan(state, sona.stack_interactions(its), CFG)
+  return state
+
+
+def _leaves_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(
+    np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(la, lb, strict=True)
+  )
+
+
+def test_skips_below_min_samples_with_a_reason_and_changes_nothing():
+  state = _served(10)
+  new, rep = sona.background_step(state, CFG, 100)
+  assert not rep.ran and "10 signals waiting, 50 needed" in rep.reason
+  assert new is state
+  # Forced, it runs with fewer signals; with none at all it still refuses.
+  new, rep = sona.background_step(state, CFG, 100, force=True)
+  assert rep.ran and rep.n_signals == 10
+  _, rep2 = sona.background_step(new, CFG, 200, force=True)
+  assert not rep2.ran and rep2.n_signals == 0
+
+
+def test_cycle_updates_every_part_and_consumes_each_signal_once():
+  state = _served(120)
+  # A non-trivial micro-LoRA to consolidate, and a base of rank 0 so the sum fits the base rank.
+  assert float(jnp.abs(state.micro.b).max()) > 0
+  x = jax.random.normal(jax.random.key(3), (20, CFG.dim), jnp.float32)
+  before = np.asarray(sona.adapt(state, x, CFG))
+  router0 = jax.tree.map(np.asarray, state.router.params)
+  new, rep = sona.background_step(state, CFG, 1000)
+  assert rep.ran and rep.n_signals == 120 and rep.missed == 0
+  assert set(rep.seconds) == {"drain", "consolidate", "router", "fisher", "patterns", "total"}
+  # Each signal consumed exactly once.
+  assert int(buffer.unread(new.signals)) == 0
+  # Consolidation (DESIGN 4.1): micro reset; the adapted output is preserved up to the rate.
+  assert float(jnp.abs(new.micro.b).max()) == 0.0
+  after = np.asarray(sona.adapt(new, x, CFG))
+  rate = rep.consolidation_rate
+  delta_micro = before - np.asarray(
+    x + lora.delta(state.base, x, scale=CFG.base_scale)
+  )  # what the micro-LoRA added before the cycle
+  np.testing.assert_allclose(after, before - (1 - rate) * delta_micro, rtol=1e-4, atol=1e-5)
+  # Router trained (loss went down on its own data), Fisher and anchor updated.
+  assert not _leaves_equal(router0, new.router.params)
+  assert rep.router_loss_after < rep.router_loss_before
+  assert int(new.ewc.count) == 1
+  assert any(float(jnp.max(f)) > 0 for f in jax.tree.leaves(new.ewc.fisher))
+  assert _leaves_equal(new.ewc.anchor, new.router.params)
+  # Patterns in the bank, within capacity, and reported.
+  alive = int(jnp.sum(new.bank.alive))
+  assert 1 <= alive <= CFG.bank_capacity
+  assert rep.patterns_inserted + rep.patterns_merged >= 1
+  assert float(jnp.sum(jnp.where(new.bank.alive, new.bank.size, 0.0))) == 120.0
+  for leaf in jax.tree.leaves((new.router, new.ewc, new.bank, new.base, new.micro)):
+    arr = np.asarray(leaf)
+    if arr.dtype.kind == "f":
+      assert np.all(np.isfinite(arr))
+  # The old state was not consumed (Loop B does not donate).
+  assert int(buffer.unread(state.signals)) == 120
+
+
+def test_a_second_cycle_does_not_recompile():
+  state = _served(60)
+  state, rep = sona.background_step(state, CFG, 10)
+  assert rep.ran
+  sizes = {f: f._cache_size() for f in (background._train_router, background._patterns)}
+  more = _served(60, seed=1)
+  state = state._replace(signals=more.signals, micro=more.micro)
+  state, rep = sona.background_step(state, CFG, 20)
+  assert rep.ran
+  assert {f: f._cache_size() for f in sizes} == sizes
+  assert int(state.ewc.count) == 2
