@@ -8,6 +8,7 @@ patterns and checkpoints arrive with their loops.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time as _time
@@ -18,12 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sona_jax import graph as graph_lib
-from sona_jax import lora, types
+from sona_jax import lora, patterns, router, types
 from sona_jax.config import SonaConfig
+from sona_jax.loops.background import BackgroundReport, background_step, signal_features
 from sona_jax.loops.instant import InstantReport, instant_scan, instant_step
-from sona_jax.state import SonaState, init_state
+from sona_jax.state import SonaState, init_state, router_apply
 
-__all__ = ["Sona", "adapt"]
+__all__ = ["Sona", "adapt", "route"]
 
 _log = logging.getLogger("sona_jax")
 
@@ -47,6 +49,48 @@ def adapt(state: SonaState, x, cfg: SonaConfig) -> jax.Array:
     raise ValueError(f"adapt: x has shape {x.shape}; expected [..., {cfg.dim}]")
   return _adapt(
     state.micro, state.base, x, jnp.float32(cfg.base_scale), jnp.float32(cfg.micro_scale)
+  )
+
+
+@functools.partial(jax.jit, static_argnums=5)
+def _route(state: SonaState, x, context_tokens, latency_ratio, key, cfg: SonaConfig):
+  sig = types.Signal(
+    query=x[None],
+    quality=jnp.zeros((1,), jnp.float32),
+    estimated_quality=jnp.zeros((1,), jnp.float32),
+    latency_ratio=latency_ratio[None],
+    tier=jnp.zeros((1,), jnp.int32),
+    context_tokens=context_tokens[None],
+    feedback=jnp.full((1,), jnp.nan, jnp.float32),
+    time=jnp.zeros((1,), jnp.int32),
+    anchor=jnp.full((1,), -1, jnp.int32),
+  )
+  feats = signal_features(sig, state.bank, state.router_proj, cfg)[0]  # [1, F]
+  probs = router.predict(state.router.params, router_apply(cfg), feats)
+  costs = jnp.asarray(cfg.tier_costs, jnp.float32)
+  tier = router.route(probs, costs, cfg.router_threshold, key, cfg.router_epsilon)
+  return tier, probs
+
+
+def route(state: SonaState, query, cfg: SonaConfig, key, *, context_tokens=0, latency_ratio=1.0):
+  """The tier to serve a request with: the cheapest predicted to succeed (DESIGN.md 4.3).
+
+  Args:
+    state: the learner's state.
+    query: f32[dim] query embedding.
+    cfg: the config (`tier_costs`, `router_threshold`, `router_epsilon`).
+    key: PRNG key for epsilon-greedy exploration.
+    context_tokens: context length of the request.
+    latency_ratio: expected latency over target (1.0 when unknown).
+
+  Returns:
+    `(tier, probs)`: i32[] tier and f32[n_tiers] predicted success probabilities.
+  """
+  x = jnp.asarray(query, jnp.float32)
+  if x.shape != (cfg.dim,):
+    raise ValueError(f"route: query has shape {x.shape}; expected ({cfg.dim},)")
+  return _route(
+    state, x, jnp.asarray(context_tokens, jnp.int32), jnp.float32(latency_ratio), key, cfg
   )
 
 
@@ -88,6 +132,8 @@ class Sona:
     self.time_origin = float(self.clock())
     self._state = init_state(cfg, key)
     self._lock = threading.RLock()
+    self._route_key = jax.random.fold_in(key, 1)
+    self._route_count = 0
 
   @property
   def state(self) -> SonaState:
@@ -175,3 +221,57 @@ class Sona:
   def adapt(self, x) -> jax.Array:
     """The adapted embedding `x + delta_base(x) + delta_micro(x)`."""
     return adapt(self._state, x, self.cfg)
+
+  def route(self, query, *, context_tokens: int = 0) -> int:
+    """The model tier for a request: the cheapest predicted to succeed, with exploration."""
+    with self._lock:
+      key = jax.random.fold_in(self._route_key, self._route_count)
+      self._route_count += 1
+      tier, _ = route(self._state, query, self.cfg, key, context_tokens=context_tokens)
+    return int(tier)
+
+  def find_patterns(self, query, k: int = 5):
+    """The `k` ReasoningBank patterns nearest to `query` (cosine), recorded as accessed.
+
+    Returns:
+      A list of dicts (`id`, `score`, `centroid`, `size`, `avg_quality`, per-tier success rates),
+      best first; shorter than `k` when the bank holds fewer patterns.
+    """
+    x = jnp.asarray(query, jnp.float32)
+    if x.shape != (self.cfg.dim,):
+      raise ValueError(f"find_patterns: query has shape {x.shape}; expected ({self.cfg.dim},)")
+    if not isinstance(k, int) or k < 1:
+      raise ValueError(f"find_patterns: k must be a positive int, got {k!r}")
+    with self._lock:
+      bank = self._state.bank
+      k = min(k, bank.capacity)
+      ids, scores = patterns.find_patterns(bank, x, k)
+      self._state = self._state._replace(
+        bank=patterns.record_access(bank, ids, jnp.int32(self.now()))
+      )
+    ids, scores = np.asarray(ids), np.asarray(scores)
+    cen, size, q = np.asarray(bank.centroid), np.asarray(bank.size), np.asarray(bank.avg_quality)
+    succ, cnt = np.asarray(bank.tier_success), np.asarray(bank.tier_count)
+    out = []
+    for i, sc in zip(ids, scores, strict=True):
+      if i < 0:
+        continue
+      rates = np.where(cnt[i] > 0, succ[i] / np.maximum(cnt[i], 1e-9), np.nan)
+      out.append(
+        dict(
+          id=int(i),
+          score=float(sc),
+          centroid=cen[i],
+          size=float(size[i]),
+          avg_quality=float(q[i]),
+          tier_success_rate=rates.tolist(),
+        )
+      )
+    return out
+
+  def run_background(self) -> BackgroundReport:
+    """Loop B now, even below `min_samples` (at least one signal is needed)."""
+    with self._lock:
+      self._state, report = background_step(self._state, self.cfg, self.now(), force=True)
+    _log.info("sona_jax: Loop B %s", "ran" if report.ran else f"skipped: {report.reason}")
+    return report

@@ -90,3 +90,40 @@ def test_state_setter_checks_type():
     engine.state = {"micro": 1}
   with pytest.raises(TypeError):
     sona.Sona({"dim": 8}, key=jax.random.key(0))
+
+
+def test_route_find_patterns_and_run_background():
+  cfg = CFG.replace(
+    graph_capacity=16,
+    min_samples=5,
+    pattern_clusters=3,
+    bank_capacity=8,
+    router_steps=10,
+    router_batch=16,
+    fisher_samples=8,
+    router_epsilon=0.0,
+  )
+  engine = sona.Sona(cfg, key=jax.random.key(0), clock=FakeClock())
+  assert engine.find_patterns(np.ones(8), k=3) == []  # empty bank
+  tier = engine.route(np.ones(8), context_tokens=100)
+  assert 0 <= tier < cfg.n_tiers
+  rep = engine.run_background()
+  assert not rep.ran and "0 signals" in rep.reason
+  ids = engine.add_memories(np.eye(8)[:6] + 0.05)
+  rng = np.random.default_rng(0)
+  for i in range(12):
+    engine.observe(
+      sona.make_interaction(
+        cfg, query=rng.normal(size=8), quality=float(i % 2), used=[ids[i % 6]], tier=i % 3
+      )
+    )
+  rep = engine.run_background()
+  assert rep.ran and rep.n_signals == 12
+  hits = engine.find_patterns(rng.normal(size=8), k=2)
+  assert 1 <= len(hits) <= 2 and hits[0]["score"] >= hits[-1]["score"]
+  assert int(engine.state.bank.access_count[hits[0]["id"]]) == 1
+  assert 0 <= engine.route(rng.normal(size=8)) < cfg.n_tiers
+  with pytest.raises(ValueError, match="shape"):
+    engine.route(np.ones(3))
+  with pytest.raises(ValueError, match="k must be"):
+    engine.find_patterns(np.ones(8), k=0)
