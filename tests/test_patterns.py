@@ -3,14 +3,22 @@ retrieval against NumPy references, and no retracing."""
 
 import json
 
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
 from sklearn.cluster import KMeans
 from sklearn.datasets import load_digits
 
 from sona_jax import patterns as P
+
+_merge_jit = jax.jit(
+  lambda bank, c, s, q, ts, tc, v, now, thr: P.merge_patterns(
+    bank, c, s, q, ts, tc, v, now=now, merge_threshold=thr
+  )
+)
 
 
 def _unit(x):
@@ -41,10 +49,18 @@ def test_kmeans_inertia_matches_sklearn_on_digits(digits):
     for s in seeds
   ]
   sk = [
-    _spherical_inertia(digits, KMeans(k, n_init=1, random_state=s).fit(digits).labels_, k)
+    _spherical_inertia(
+      digits, KMeans(k, init="k-means++", n_init=1, random_state=s).fit(digits).labels_, k
+    )
     for s in seeds
   ]
-  assert np.mean(ours) <= 1.05 * np.mean(sk), (ours, sk)
+  # Issue target: within 3% of scikit-learn, median over seeds (measured: ours ~0.5% lower).
+  assert np.median(ours) <= 1.03 * np.median(sk), (ours, sk)
+  # Deterministic per key.
+  again = P.kmeans_pp(jax.random.key(0), digits, k)
+  first = P.kmeans_pp(jax.random.key(0), digits, k)
+  np.testing.assert_array_equal(np.asarray(again.labels), np.asarray(first.labels))
+  assert np.asarray(again.centroids).tobytes() == np.asarray(first.centroids).tobytes()
   # A poor clustering (random labels) is far worse: the comparison has teeth.
   rand = np.random.default_rng(0).integers(0, k, digits.shape[0])
   assert _spherical_inertia(digits, rand, k) > 1.5 * np.mean(sk)
@@ -305,3 +321,45 @@ def test_jitted_functions_compile_once_across_values():
   jax.block_until_ready(calls(1, 20, 0.5))
   jax.block_until_ready(calls(2, 30, 0.7))
   assert [f._cache_size() for f in fns] == sizes
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+  seed=st.integers(0, 10_000),
+  n_new=st.integers(1, 6),
+  threshold=st.sampled_from([0.5, 0.9, 0.99]),
+  rounds=st.integers(1, 4),
+)
+def test_bank_invariants_hold_under_random_merges(seed, n_new, threshold, rounds):
+  """Capacity never exceeded; sizes add up after merges; find_patterns equals brute force."""
+  rng = np.random.default_rng(seed)
+  dim, tiers = 4, 2
+  small = P.init_bank(5, dim, tiers)  # evicts
+  big = P.init_bank(32, dim, tiers)  # never needs to evict: sizes must add up exactly
+  total = 0.0
+  for r in range(rounds):
+    cen = _unit(rng.normal(size=(n_new, dim))).astype(np.float32)
+    sizes = rng.integers(1, 20, n_new).astype(np.float32)
+    quality = rng.uniform(size=n_new).astype(np.float32)
+    valid = rng.uniform(size=n_new) < 0.8
+    succ = rng.integers(0, 5, (n_new, tiers)).astype(np.float32)
+    args = (cen, sizes, quality, succ, succ + 1.0, valid, r * 10, threshold)
+    small, rep = _merge_jit(small, *args)
+    big, rep_big = _merge_jit(big, *args)
+    total += float(sizes[valid].sum())
+    assert int(np.sum(np.asarray(small.alive))) <= 5
+    assert int(rep.n_merged) + int(rep.n_inserted) == int(valid.sum())
+    assert int(rep.n_evicted) == int(np.sum(np.asarray(rep.evicted) >= 0))
+    assert int(rep_big.n_evicted) == 0
+    alive_size = np.where(np.asarray(big.alive), np.asarray(big.size), 0.0)
+    np.testing.assert_allclose(float(alive_size.sum()), total, rtol=1e-5)
+  for bank in (small, big):
+    q = _unit(rng.normal(size=dim)).astype(np.float32)
+    alive = np.asarray(bank.alive)
+    m = min(3, int(alive.sum()))
+    ids, scores = P.find_patterns(bank, q, 3)
+    sims = np.where(alive, np.asarray(bank.centroid, np.float64) @ q, -np.inf)
+    top = np.sort(sims)[::-1][:m]
+    np.testing.assert_allclose(np.asarray(scores)[:m], top, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sims[np.asarray(ids)[:m]], top, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(ids)[m:] == -1)
