@@ -14,6 +14,7 @@ from sona_jax import types as types
 from sona_jax.config import SonaConfig as SonaConfig
 from sona_jax.driver import Sona as Sona
 from sona_jax.driver import adapt as adapt
+from sona_jax.driver import due as due
 from sona_jax.driver import route as route
 from sona_jax.loops.background import BackgroundReport as BackgroundReport
 from sona_jax.loops.background import background_step as background_step

@@ -82,6 +82,8 @@ class SonaConfig:
     fisher_samples: signals used for the per-sample gradients of the Fisher estimate.
     bank_capacity: number of patterns the ReasoningBank holds.
     pattern_merge_threshold: a new pattern merges into its nearest one at this cosine or above.
+    deep_weekday: weekday of the weekly Loop C, 0 = Monday ... 6 = Sunday (seed: Sunday).
+    deep_hour_utc: hour (UTC) of the weekly Loop C (seed: 03:00).
   """
 
   dim: int
@@ -121,6 +123,8 @@ class SonaConfig:
   fisher_samples: int = 256
   bank_capacity: int = 1000
   pattern_merge_threshold: float = 0.9
+  deep_weekday: int = 6
+  deep_hour_utc: int = 3
 
   def __post_init__(self):
     _check_range("dim", self.dim, 1, 1 << 16, integer=True)
@@ -177,6 +181,8 @@ class SonaConfig:
     _check_range("fisher_samples", self.fisher_samples, 1, 1 << 16, integer=True)
     _check_range("bank_capacity", self.bank_capacity, 1, 1 << 20, integer=True)
     _check_range("pattern_merge_threshold", self.pattern_merge_threshold, -1.0, 1.0, integer=False)
+    _check_range("deep_weekday", self.deep_weekday, 0, 6, integer=True)
+    _check_range("deep_hour_utc", self.deep_hour_utc, 0, 23, integer=True)
 
   @property
   def micro_scale(self) -> float:

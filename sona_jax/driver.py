@@ -13,6 +13,7 @@ import logging
 import threading
 import time as _time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,43 @@ from sona_jax.loops.background import BackgroundReport, background_step, signal_
 from sona_jax.loops.instant import InstantReport, instant_scan, instant_step
 from sona_jax.state import SonaState, init_state, router_apply
 
-__all__ = ["Sona", "adapt", "route"]
+__all__ = ["Sona", "Due", "adapt", "route", "due", "last_deep_slot"]
+
+_WEEK = 7 * 86_400
+
+
+class Due(NamedTuple):
+  """Which scheduled loops are due (`due`)."""
+
+  background: bool
+  deep: bool
+
+
+def last_deep_slot(now: float, cfg: SonaConfig) -> float:
+  """The most recent weekly Loop C time (`cfg.deep_weekday`, `cfg.deep_hour_utc`, UTC) <= now."""
+  # 1970-01-01 was a Thursday (weekday 3); Unix time has no leap seconds, so weeks are exact.
+  offset = ((cfg.deep_weekday - 3) % 7) * 86_400 + cfg.deep_hour_utc * 3_600
+  return now - ((now - offset) % _WEEK)
+
+
+def due(now: float, last_background: float, last_deep: float, cfg: SonaConfig) -> Due:
+  """Pure schedule (DESIGN.md section 6): which loops are due at Unix time `now`.
+
+  Loop B is due `cfg.background_interval_s` after the last cycle that ran (it still skips itself
+  below `cfg.min_samples`, and is then due again at the next tick); Loop C is due when a weekly slot
+  (`cfg.deep_weekday` at `cfg.deep_hour_utc`, UTC) has passed since the last one ran.
+
+  Args:
+    now: Unix seconds.
+    last_background: Unix seconds of the last Loop B that ran (or the start).
+    last_deep: Unix seconds of the last Loop C that ran (or the start).
+    cfg: the config.
+  """
+  return Due(
+    background=now - last_background >= cfg.background_interval_s,
+    deep=last_deep < last_deep_slot(now, cfg) <= now,
+  )
+
 
 _log = logging.getLogger("sona_jax")
 
@@ -134,6 +171,9 @@ class Sona:
     self._lock = threading.RLock()
     self._route_key = jax.random.fold_in(key, 1)
     self._route_count = 0
+    self.last_background = self.time_origin
+    self.last_deep = self.time_origin
+    self.history: list[tuple[str, float]] = []  # (loop, Unix time) of every cycle that ran
 
   @property
   def state(self) -> SonaState:
@@ -269,9 +309,55 @@ class Sona:
       )
     return out
 
-  def run_background(self) -> BackgroundReport:
-    """Loop B now, even below `min_samples` (at least one signal is needed)."""
+  def run_background(self, *, force: bool = True, now: float | None = None) -> BackgroundReport:
+    """Loop B now; forced by default, so it runs below `min_samples` (with at least one signal).
+
+    `now` is Unix seconds (the clock when None)."""
     with self._lock:
-      self._state, report = background_step(self._state, self.cfg, self.now(), force=True)
-    _log.info("sona_jax: Loop B %s", "ran" if report.ran else f"skipped: {report.reason}")
+      now = self.clock() if now is None else now
+      self._state, report = background_step(
+        self._state, self.cfg, int(now - self.time_origin), force=force
+      )
+      if report.ran:
+        self.last_background = now
+        self.history.append(("background", now))
+    if report.ran:
+      _log.info(
+        "sona_jax: Loop B ran on %d signals in %.3f s (missed %d, patterns +%d merged %d "
+        "evicted %d)",
+        report.n_signals,
+        report.seconds["total"],
+        report.missed,
+        report.patterns_inserted,
+        report.patterns_merged,
+        report.patterns_evicted,
+      )
+    else:
+      _log.info("sona_jax: Loop B skipped: %s", report.reason)
     return report
+
+  def run_deep(self, *, now: float | None = None) -> dict:
+    """Loop C now. Its slot in the schedule exists; the loop itself lands with its own issue,
+    so until then this records the slot and reports that nothing ran."""
+    with self._lock:
+      now = self.clock() if now is None else now
+      self.last_deep = now
+      self.history.append(("deep", now))
+    _log.info("sona_jax: Loop C slot at %s: not built yet, nothing ran", now)
+    return {"ran": False, "reason": "Loop C is not built yet", "time": now}
+
+  def tick(self, now: float | None = None) -> dict:
+    """Runs whichever loops are due (`due`) at Unix time `now` (the clock when None).
+
+    Returns:
+      `{"background": BackgroundReport | None, "deep": dict | None}` for the loops that were due.
+    """
+    if now is None:
+      now = self.clock()
+    d = due(now, self.last_background, self.last_deep, self.cfg)
+    out = {"background": None, "deep": None}
+    if d.background:
+      out["background"] = self.run_background(force=False, now=now)
+    if d.deep:
+      out["deep"] = self.run_deep(now=now)
+    return out
