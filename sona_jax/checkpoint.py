@@ -315,7 +315,7 @@ class Checkpointer:
     except Exception as e:
       raise _Damaged(f"state metadata unreadable: {type(e).__name__}: {e}") from e
     expected = _leaf_specs(target)
-    problems = []
+    problems = _spec_mismatches(stored_specs, expected)
     if problems:
       raise ValueError(
         f"Checkpointer.restore: checkpoint step {step} (sona_jax {metadata['version']}) does not "
