@@ -137,7 +137,8 @@ class Sona:
   Args:
     cfg: the config.
     key: PRNG key for the initial state.
-    checkpoint_dir: where checkpoints go (used once checkpoints land; stored now).
+    checkpoint_dir: when given, an orbax checkpoint is written there after every Loop B and
+      Loop C cycle that runs, and by `save()` (`Sona.restore(checkpoint_dir)` reads it back).
     clock: a function returning Unix seconds (`time.time` by default); tests and simulations inject
       their own. Interaction times are int32 seconds since the clock's value at construction.
 
@@ -173,6 +174,11 @@ class Sona:
     self._route_count = 0
     self.last_background = self.time_origin
     self.last_deep = self.time_origin
+    self._checkpointer = None
+    if checkpoint_dir is not None:
+      from sona_jax.checkpoint import Checkpointer
+
+      self._checkpointer = Checkpointer(checkpoint_dir)
     self.history: list[tuple[str, float]] = []  # (loop, Unix time) of every cycle that ran
 
   @property
@@ -321,6 +327,8 @@ class Sona:
       if report.ran:
         self.last_background = now
         self.history.append(("background", now))
+        if self._checkpointer is not None:
+          self.save()
     if report.ran:
       _log.info(
         "sona_jax: Loop B ran on %d signals in %.3f s (missed %d, patterns +%d merged %d "
@@ -343,6 +351,8 @@ class Sona:
       now = self.clock() if now is None else now
       self.last_deep = now
       self.history.append(("deep", now))
+      if self._checkpointer is not None:
+        self.save()
     _log.info("sona_jax: Loop C slot at %s: not built yet, nothing ran", now)
     return {"ran": False, "reason": "Loop C is not built yet", "time": now}
 
@@ -361,3 +371,53 @@ class Sona:
     if d.deep:
       out["deep"] = self.run_deep(now=now)
     return out
+
+  def save(self) -> int:
+    """Writes a checkpoint of the current state (async; `wait_checkpoints()` blocks on it).
+
+    Returns:
+      The checkpoint step.
+
+    Raises:
+      ValueError: the driver was built without a `checkpoint_dir`.
+    """
+    if self._checkpointer is None:
+      raise ValueError("Sona.save: this driver has no checkpoint_dir")
+    with self._lock:
+      last = self._checkpointer.latest_step()
+      step = 0 if last is None else last + 1
+      self._checkpointer.save(
+        step,
+        self._state,
+        self.cfg,
+        time_origin=self.time_origin,
+        extra={"last_background": self.last_background, "last_deep": self.last_deep},
+      )
+    _log.info("sona_jax: checkpoint step %d saved to %s", step, self.checkpoint_dir)
+    return step
+
+  def wait_checkpoints(self) -> None:
+    """Blocks until pending asynchronous checkpoint writes are on disk."""
+    if self._checkpointer is not None:
+      self._checkpointer.wait()
+
+  @classmethod
+  def restore(cls, checkpoint_dir, *, cfg: SonaConfig | None = None, clock=None) -> Sona:
+    """A driver from the newest good checkpoint in `checkpoint_dir` (see `checkpoint.Checkpointer`).
+
+    Args:
+      checkpoint_dir: the directory a `Sona(..., checkpoint_dir=...)` wrote.
+      cfg: optional config; must agree with the saved one on every field that shapes the state.
+      clock: the clock (Unix seconds), `time.time` by default.
+    """
+    from sona_jax.checkpoint import Checkpointer
+
+    with Checkpointer(checkpoint_dir) as ck:
+      state, cfg, meta = ck.restore(cfg)
+    engine = cls(cfg, key=jax.random.key(0), checkpoint_dir=checkpoint_dir, clock=clock)
+    engine._state = state
+    engine.time_origin = float(meta["time_origin"])
+    extra = meta.get("extra") or {}
+    engine.last_background = float(extra.get("last_background", engine.time_origin))
+    engine.last_deep = float(extra.get("last_deep", engine.time_origin))
+    return engine

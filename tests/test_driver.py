@@ -127,3 +127,33 @@ def test_route_find_patterns_and_run_background():
     engine.route(np.ones(3))
   with pytest.raises(ValueError, match="k must be"):
     engine.find_patterns(np.ones(8), k=0)
+
+
+def test_checkpoints_after_loop_b_and_restore(tmp_path):
+  cfg = CFG.replace(
+    graph_capacity=16,
+    min_samples=3,
+    pattern_clusters=2,
+    bank_capacity=8,
+    router_steps=5,
+    router_batch=8,
+    fisher_samples=4,
+  )
+  clock = FakeClock()
+  engine = sona.Sona(cfg, key=jax.random.key(0), checkpoint_dir=str(tmp_path / "ck"), clock=clock)
+  ids = engine.add_memories(np.eye(8)[:4] + 0.05)
+  for i in range(6):
+    engine.observe(sona.make_interaction(cfg, query=np.ones(8) * i, quality=0.1, used=[ids[0]]))
+  clock.t += 3600
+  assert engine.tick()["background"].ran  # Loop B ran, so a checkpoint was written
+  engine.wait_checkpoints()
+  restored = sona.Sona.restore(str(tmp_path / "ck"), clock=clock)
+  assert restored.cfg == cfg and restored.time_origin == engine.time_origin
+  assert restored.last_background == engine.last_background
+  for a, b in zip(jax.tree.leaves(engine.state), jax.tree.leaves(restored.state), strict=True):
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+  # The restored learner keeps serving and learning.
+  rep = restored.observe(sona.make_interaction(cfg, query=np.ones(8), quality=0.0, used=[ids[1]]))
+  assert bool(rep.accepted)
+  with pytest.raises(ValueError, match="no checkpoint_dir"):
+    sona.Sona(cfg, key=jax.random.key(0)).save()
