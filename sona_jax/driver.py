@@ -170,6 +170,9 @@ class Sona:
     self.time_origin = float(self.clock())
     self._state = init_state(cfg, key)
     self._lock = threading.RLock()
+    self._journal: list | None = None  # transitions made while a background cycle runs
+    self._worker: threading.Thread | None = None
+    self._stop = threading.Event()
     self._route_key = jax.random.fold_in(key, 1)
     self._route_count = 0
     self.last_background = self.time_origin
@@ -180,6 +183,19 @@ class Sona:
 
       self._checkpointer = Checkpointer(checkpoint_dir)
     self.history: list[tuple[str, float]] = []  # (loop, Unix time) of every cycle that ran
+
+  def _apply(self, op):
+    """Applies a state transition `op(state) -> (state, result)`; returns `result`.
+
+    While a background cycle runs on a snapshot, every transition is also journalled, and replayed
+    on the cycle's result when it finishes (`begin_background`): serving never waits for Loop B,
+    and the outcome equals running Loop B at the snapshot, then every later request in order.
+    Call with the lock held.
+    """
+    self._state, result = op(self._state)
+    if self._journal is not None:
+      self._journal.append(op)
+    return result
 
   @property
   def state(self) -> SonaState:
@@ -210,15 +226,19 @@ class Sona:
       raise ValueError(f"add_memory: quality={quality!r}; expected [0, 1]")
     t = self.now() if time is None else int(time)
     with self._lock:
-      g, node_id, evicted = graph_lib.add_node(
-        self._state.graph,
-        e,
-        quality=jnp.float32(quality),
-        time=jnp.int32(t),
-        domain=jnp.int32(domain),
-        half_life_s=self.cfg.recency_half_life_s,
-      )
-      self._state = self._state._replace(graph=g)
+
+      def op(state):
+        g, node_id, evicted = graph_lib.add_node(
+          state.graph,
+          e,
+          quality=jnp.float32(quality),
+          time=jnp.int32(t),
+          domain=jnp.int32(domain),
+          half_life_s=self.cfg.recency_half_life_s,
+        )
+        return state._replace(graph=g), (node_id, evicted)
+
+      node_id, evicted = self._apply(op)
     evicted = int(evicted)
     if evicted >= 0:
       _log.info("sona_jax: memory %d evicted to make room", evicted)
@@ -236,15 +256,19 @@ class Sona:
       raise ValueError("add_memories: quality must be in [0, 1]")
     t = self.now() if time is None else int(time)
     with self._lock:
-      g, ids, evicted = graph_lib.add_nodes(
-        self._state.graph,
-        e,
-        quality=q,
-        time=jnp.int32(t),
-        domain=jnp.asarray(domain, jnp.int32),
-        half_life_s=self.cfg.recency_half_life_s,
-      )
-      self._state = self._state._replace(graph=g)
+
+      def op(state):
+        g, ids, evicted = graph_lib.add_nodes(
+          state.graph,
+          e,
+          quality=q,
+          time=jnp.int32(t),
+          domain=jnp.asarray(domain, jnp.int32),
+          half_life_s=self.cfg.recency_half_life_s,
+        )
+        return state._replace(graph=g), (ids, evicted)
+
+      ids, evicted = self._apply(op)
     evicted = np.asarray(evicted)
     if np.any(evicted >= 0):
       _log.info("sona_jax: %d memories evicted to make room", int(np.sum(evicted >= 0)))
@@ -253,16 +277,14 @@ class Sona:
   def observe(self, interaction: types.Interaction) -> InstantReport:
     """Loop A on one interaction (one fused jitted transition)."""
     with self._lock:
-      self._state, report = instant_step(self._state, interaction, self.cfg)
-    return report
+      return self._apply(lambda s: instant_step(s, interaction, self.cfg))
 
   def observe_many(self, interactions: types.Interaction | Sequence[types.Interaction]):
     """Loop A on a batch (a stacked `Interaction` or a list), sequential semantics."""
     if not isinstance(interactions, types.Interaction):
       interactions = types.stack_interactions(list(interactions))
     with self._lock:
-      self._state, report = instant_scan(self._state, interactions, self.cfg)
-    return report
+      return self._apply(lambda s: instant_scan(s, interactions, self.cfg))
 
   def adapt(self, x) -> jax.Array:
     """The adapted embedding `x + delta_base(x) + delta_micro(x)`."""
@@ -292,9 +314,8 @@ class Sona:
       bank = self._state.bank
       k = min(k, bank.capacity)
       ids, scores = patterns.find_patterns(bank, x, k)
-      self._state = self._state._replace(
-        bank=patterns.record_access(bank, ids, jnp.int32(self.now()))
-      )
+      now = jnp.int32(self.now())
+      self._apply(lambda s: (s._replace(bank=patterns.record_access(s.bank, ids, now)), None))
     ids, scores = np.asarray(ids), np.asarray(scores)
     cen, size, q = np.asarray(bank.centroid), np.asarray(bank.size), np.asarray(bank.avg_quality)
     succ, cnt = np.asarray(bank.tier_success), np.asarray(bank.tier_count)
@@ -320,6 +341,8 @@ class Sona:
 
     `now` is Unix seconds (the clock when None)."""
     with self._lock:
+      if self._journal is not None:
+        raise RuntimeError("run_background: a background cycle is running (begin_background)")
       now = self.clock() if now is None else now
       self._state, report = background_step(
         self._state, self.cfg, int(now - self.time_origin), force=force
@@ -421,3 +444,83 @@ class Sona:
     engine.last_background = float(extra.get("last_background", engine.time_origin))
     engine.last_deep = float(extra.get("last_deep", engine.time_origin))
     return engine
+
+  def begin_background(self, *, force: bool = True, now: float | None = None):
+    """Starts Loop B on a snapshot of the state in a thread, while serving goes on.
+
+    Loop A keeps serving on the live state. When the cycle finishes, its result becomes the state
+    and every transition made meanwhile (observations, memories added, pattern accesses) is
+    replayed on it in order, so nothing is lost and the outcome equals the sequential order:
+    Loop B at the snapshot, then the later requests. If the cycle fails, the live state is kept
+    untouched and the error is logged (and raised by `future.result()`).
+
+    Returns:
+      A `concurrent.futures.Future` of the `BackgroundReport`.
+    """
+    import concurrent.futures
+
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    with self._lock:
+      if self._journal is not None:
+        raise RuntimeError("begin_background: a background cycle is already running")
+      now = self.clock() if now is None else now
+      snapshot = jax.tree.map(jnp.copy, self._state)  # Loop A donates the live arrays
+      self._journal = []
+
+    def work():
+      try:
+        new_state, report = background_step(
+          snapshot, self.cfg, int(now - self.time_origin), force=force
+        )
+      except BaseException as e:  # keep serving on the live state; nothing half-applied
+        with self._lock:
+          self._journal = None
+        _log.exception("sona_jax: Loop B failed; the live state is unchanged")
+        future.set_exception(e)
+        return
+      with self._lock:
+        if report.ran:
+          state = new_state
+          for op in self._journal:
+            state, _ = op(state)
+          self._state = state
+          self.last_background = now
+          self.history.append(("background", now))
+        self._journal = None
+        if report.ran and self._checkpointer is not None:
+          self.save()
+      _log.info("sona_jax: Loop B (background thread) %s", "ran" if report.ran else report.reason)
+      future.set_result(report)
+
+    threading.Thread(target=work, name="sona-loop-b", daemon=True).start()
+    return future
+
+  def start(self, *, poll_s: float = 1.0) -> None:
+    """Runs the schedule (`due`) on a worker thread: Loop B via `begin_background`, Loop C."""
+    if self._worker is not None and self._worker.is_alive():
+      raise RuntimeError("Sona.start: already started")
+    self._stop.clear()
+
+    def loop():
+      while not self._stop.is_set():
+        now = self.clock()
+        d = due(now, self.last_background, self.last_deep, self.cfg)
+        if d.background:
+          try:
+            self.begin_background(force=False, now=now).result()
+          except Exception:  # logged by begin_background; retried at the next slot
+            pass
+        if d.deep:
+          self.run_deep(now=now)
+        self._stop.wait(poll_s)
+
+    self._worker = threading.Thread(target=loop, name="sona-schedule", daemon=True)
+    self._worker.start()
+
+  def stop(self, timeout: float | None = None) -> None:
+    """Stops the schedule thread (a running cycle finishes first) and waits for checkpoints."""
+    self._stop.set()
+    if self._worker is not None:
+      self._worker.join(timeout)
+      self._worker = None
+    self.wait_checkpoints()
