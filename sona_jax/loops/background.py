@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -188,10 +188,6 @@ def _patterns(bank, sig_rows, mask, cfg: SonaConfig, key, now):
   return bank, rep
 
 
-def _block(tree: Any) -> Any:
-  return jax.block_until_ready(tree)
-
-
 def background_step(state: SonaState, cfg: SonaConfig, now, *, force: bool = False):
   """Loop B: one background cycle (see the module docstring).
 
@@ -222,25 +218,27 @@ def background_step(state: SonaState, cfg: SonaConfig, now, *, force: bool = Fal
   key, k_router, k_fisher, k_patterns = jax.random.split(key, 4)
   now_i = jnp.int32(now)
 
-  signals, rows, mask, missed = _block(_drain(state.signals, cfg))
+  signals, rows, mask, missed = jax.block_until_ready(_drain(state.signals, cfg))
   lap("drain")
   sig = types.unpack_signals(rows, cfg)
   n = int(jnp.sum(mask))
   mean_q = jnp.sum(jnp.where(mask, sig.quality, 0.0)) / max(n, 1)
 
-  base, micro, rate = _block(_consolidate(state.base, state.micro, mean_q, cfg))
+  base, micro, rate = jax.block_until_ready(_consolidate(state.base, state.micro, mean_q, cfg))
   lap("consolidate")
 
   feats = _features(sig, state.bank, state.router_proj, cfg)
-  rstate, loss_before, loss_after = _block(
+  rstate, loss_before, loss_after = jax.block_until_ready(
     _train_router(state.router, state.ewc, feats, rows, mask, cfg, k_router)
   )
   lap("router")
 
-  ewc_state = _block(_fisher(state.ewc, rstate.params, feats, rows, mask, cfg, k_fisher))
+  ewc_state = jax.block_until_ready(
+    _fisher(state.ewc, rstate.params, feats, rows, mask, cfg, k_fisher)
+  )
   lap("fisher")
 
-  bank, rep = _block(_patterns(state.bank, rows, mask, cfg, k_patterns, now_i))
+  bank, rep = jax.block_until_ready(_patterns(state.bank, rows, mask, cfg, k_patterns, now_i))
   lap("patterns")
   seconds["total"] = time.perf_counter() - t_start
 

@@ -310,9 +310,9 @@ def _learn(micro, f: _Feedback, reasons, cfg: SonaConfig):
   stream the adapter learnt to amplify the drift (precision@5 0.63 -> 0.10). Projected, every
   case is the cosine gradient of used minus unused memories.
 
-  The step is `lora.micro_update_fast` written out so that all its dot products come from three
-  small matrix products (each reduction is a kernel of its own on CPU, and this chain is the
-  sequential part of `instant_scan`). Returns `(micro, step_norm, reasons, active)`.
+  The step is `lora.micro_update_fast` written out so that all its inner products over `dim` come
+  from three multiply-and-sums (each reduction is a kernel of its own on CPU, and this chain is
+  the sequential part of `instant_scan`). Returns `(micro, step_norm, reasons, active)`.
   """
   a, b = micro.a, micro.b  # [d, r], [r, d]
   s = jnp.float32(cfg.micro_scale)
