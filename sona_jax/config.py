@@ -84,6 +84,32 @@ class SonaConfig:
     pattern_merge_threshold: a new pattern merges into its nearest one at this cosine or above.
     deep_weekday: weekday of the weekly Loop C, 0 = Monday ... 6 = Sunday (seed: Sunday).
     deep_hour_utc: hour (UTC) of the weekly Loop C (seed: 03:00).
+    consolidate_min_access: Loop C consolidation: a node is high-value when its access count is
+      above this (seed: > 5) ...
+    consolidate_min_quality: ... and its quality above this (seed: > 0.7).
+    consolidate_min_cosine: high-value pairs above this cosine are strengthened (seed: > 0.7) ...
+    consolidate_rate: ... by `rate * cosine` (seed: 0.1).
+    decay_max_access: a node is low-value when its access count is below this (seed: < 2) ...
+    decay_min_age_days: ... and it is older than this many days (seed: > 30) ...
+    decay_factor: ... and its strength is multiplied by this (seed: 0.5).
+    abstraction_min_cluster: Loop C abstraction makes a meta-pattern only for clusters larger than
+      this (seed: > 3).
+    n_dreams: random walks per Loop C dream phase.
+    dream_length: steps of each dream walk.
+    dream_temperature: softmax temperature over edge weights of a dream walk (0 = heaviest edge).
+    dream_min_novelty: a dream proposes links only when its novelty is above this (seed: 0.5) ...
+    dream_min_coherence: ... and its coherence above this (seed: 0.3).
+    dream_edge_scale: a proposed CREATIVE edge gets weight `scale * strength` (seed: 0.1).
+    analogy_min_confidence: an ANALOGY edge needs offset cosine above this (seed: 0.6).
+    louvain_seed: seed of the Louvain community detection that defines domains.
+    dedup_threshold: Loop C compression merges nodes at or above this cosine (seed: 0.95).
+    prune_threshold: Loop C compression prunes edges below this weight (seed: 0.01).
+    ivf_cells: cells of the inverted-file partition for approximate all-pairs candidate search
+      (0 = about `sqrt(N)`).
+    ivf_probe: nearest cells searched per query cell.
+    phi_max_nodes: the Phi proxy uses at most this many most-accessed nodes (DESIGN 4.7).
+    phi_exhaustive_max: the minimum-information bipartition is searched exhaustively up to this many
+      nodes, spectrally above.
   """
 
   dim: int
@@ -125,6 +151,28 @@ class SonaConfig:
   pattern_merge_threshold: float = 0.9
   deep_weekday: int = 6
   deep_hour_utc: int = 3
+  consolidate_min_access: int = 5
+  consolidate_min_quality: float = 0.7
+  consolidate_min_cosine: float = 0.7
+  consolidate_rate: float = 0.1
+  decay_max_access: int = 2
+  decay_min_age_days: float = 30.0
+  decay_factor: float = 0.5
+  abstraction_min_cluster: int = 3
+  n_dreams: int = 256
+  dream_length: int = 8
+  dream_temperature: float = 0.5
+  dream_min_novelty: float = 0.5
+  dream_min_coherence: float = 0.3
+  dream_edge_scale: float = 0.1
+  analogy_min_confidence: float = 0.6
+  louvain_seed: int = 0
+  dedup_threshold: float = 0.95
+  prune_threshold: float = 0.01
+  ivf_cells: int = 0
+  ivf_probe: int = 4
+  phi_max_nodes: int = 256
+  phi_exhaustive_max: int = 12
 
   def __post_init__(self):
     _check_range("dim", self.dim, 1, 1 << 16, integer=True)
@@ -183,6 +231,28 @@ class SonaConfig:
     _check_range("pattern_merge_threshold", self.pattern_merge_threshold, -1.0, 1.0, integer=False)
     _check_range("deep_weekday", self.deep_weekday, 0, 6, integer=True)
     _check_range("deep_hour_utc", self.deep_hour_utc, 0, 23, integer=True)
+    _check_range("consolidate_min_access", self.consolidate_min_access, 0, None, integer=True)
+    _check_range("consolidate_min_quality", self.consolidate_min_quality, 0.0, 1.0, integer=False)
+    _check_range("consolidate_min_cosine", self.consolidate_min_cosine, -1.0, 1.0, integer=False)
+    _check_range("consolidate_rate", self.consolidate_rate, 0.0, 1.0, integer=False)
+    _check_range("decay_max_access", self.decay_max_access, 0, None, integer=True)
+    _check_range("decay_min_age_days", self.decay_min_age_days, 0.0, None, integer=False)
+    _check_range("decay_factor", self.decay_factor, 0.0, 1.0, integer=False)
+    _check_range("abstraction_min_cluster", self.abstraction_min_cluster, 1, None, integer=True)
+    _check_range("n_dreams", self.n_dreams, 0, 1 << 20, integer=True)
+    _check_range("dream_length", self.dream_length, 2, 1024, integer=True)
+    _check_range("dream_temperature", self.dream_temperature, 0.0, None, integer=False)
+    _check_range("dream_min_novelty", self.dream_min_novelty, 0.0, 1.0, integer=False)
+    _check_range("dream_min_coherence", self.dream_min_coherence, -1.0, 1.0, integer=False)
+    _check_range("dream_edge_scale", self.dream_edge_scale, 0.0, 1.0, integer=False)
+    _check_range("analogy_min_confidence", self.analogy_min_confidence, -1.0, 1.0, integer=False)
+    _check_range("louvain_seed", self.louvain_seed, 0, None, integer=True)
+    _check_range("dedup_threshold", self.dedup_threshold, -1.0, 1.0, integer=False)
+    _check_range("prune_threshold", self.prune_threshold, 0.0, 1.0, integer=False)
+    _check_range("ivf_cells", self.ivf_cells, 0, 1 << 20, integer=True)
+    _check_range("ivf_probe", self.ivf_probe, 1, 1 << 20, integer=True)
+    _check_range("phi_max_nodes", self.phi_max_nodes, 2, 4096, integer=True)
+    _check_range("phi_exhaustive_max", self.phi_exhaustive_max, 2, 20, integer=True)
 
   @property
   def micro_scale(self) -> float:

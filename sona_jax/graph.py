@@ -46,6 +46,8 @@ __all__ = [
   "hebbian_row",
   "hebbian_update",
   "neighbors",
+  "EdgeUpdate",
+  "add_edges",
   "make_edges",
   "make_node",
   "to_networkx",
@@ -387,6 +389,124 @@ def neighbors(graph: Graph, node_id, *, exclude_synthetic: bool = False):
   if exclude_synthetic:
     mask = mask & (kind != CREATIVE) & (kind != ANALOGY)
   return jnp.where(mask, ids, -1), jnp.where(mask, w, 0.0), kind, mask
+
+
+class EdgeUpdate(NamedTuple):
+  """What `add_edges` did (host NumPy arrays).
+
+  Attributes:
+    updated: i32[m, 2] `(src, dst)` pairs that already had an edge and got a new weight.
+    inserted: i32[m, 2] pairs that got a new edge.
+    rejected: i32[m, 2] proposed pairs that found no slot (every slot of the row was stronger).
+    displaced: i32[m, 2] existing edges that lost their slot to a stronger new edge.
+  """
+
+  updated: np.ndarray
+  inserted: np.ndarray
+  rejected: np.ndarray
+  displaced: np.ndarray
+
+
+def add_edges(graph: Graph, src, dst, weight, kind, *, mode: str = "max"):
+  """Adds or updates many directed edges at once (host-side, for Loop C; O(E log E)).
+
+  For a pair that already has an edge, the weight becomes `max(w, weight)` (`mode="max"`) or
+  `min(1, w + weight)` (`mode="add"`) and the kind is kept. A new pair takes an empty slot of its
+  row or, when the row is full, the slot of its weakest edge if that edge is weaker: per row, the
+  `K` strongest of the existing and proposed edges are kept (ties keep existing edges first), which
+  is what inserting the proposals one by one, strongest first, into the weakest slot gives.
+  Self-loops, pairs with a dead or out-of-range end, and duplicate proposals (the strongest one
+  wins) are dropped. Nothing is lost silently: the returned `EdgeUpdate` lists every updated,
+  inserted, rejected and displaced pair.
+
+  Args:
+    graph: the graph.
+    src, dst: i32[E] edge ends (the edge lives in `src`'s row).
+    weight: f32[E] weights, clipped to [0, 1].
+    kind: edge kind for new edges (scalar or i32[E]).
+    mode: `"max"` or `"add"`, how an existing edge's weight combines with the proposal.
+
+  Returns:
+    `(graph, EdgeUpdate)`.
+  """
+  if mode not in ("max", "add"):
+    raise ValueError(f"add_edges: mode must be 'max' or 'add', got {mode!r}")
+  n, k = graph.capacity, graph.degree
+  src = np.asarray(src, np.int64).reshape(-1)
+  dst = np.asarray(dst, np.int64).reshape(-1)
+  weight = np.clip(np.asarray(weight, np.float32).reshape(-1), 0.0, 1.0)
+  kind = np.broadcast_to(np.asarray(kind, np.int32), src.shape).copy()
+  if not (src.shape == dst.shape == weight.shape):
+    raise ValueError(
+      f"add_edges: src, dst, weight shapes differ: {src.shape} {dst.shape} {weight.shape}"
+    )
+  empty = np.zeros((0, 2), np.int32)
+  edges = np.array(graph.edges)
+  alive = np.asarray(graph.node[:, ALIVE]) != 0
+  ok = (src >= 0) & (src < n) & (dst >= 0) & (dst < n) & (src != dst) & np.isfinite(weight)
+  ok[ok] &= alive[src[ok]] & alive[dst[ok]]
+  src, dst, weight, kind = src[ok], dst[ok], weight[ok], kind[ok]
+  if src.size == 0:
+    return graph, EdgeUpdate(empty, empty, empty, empty)
+  # Duplicate proposals: keep the strongest.
+  order = np.lexsort((-weight, dst, src))
+  src, dst, weight, kind = src[order], dst[order], weight[order], kind[order]
+  first = np.ones(src.size, bool)
+  first[1:] = (src[1:] != src[:-1]) | (dst[1:] != dst[:-1])
+  src, dst, weight, kind = src[first], dst[first], weight[first], kind[first]
+  nbr, w, knd = edges[:, :k], edges[:, k : 2 * k].view(np.float32), edges[:, 2 * k :]
+  # Existing edges: match proposals against their row's slots.
+  match = nbr[src] == dst[:, None]  # [E, K]
+  has = match.any(axis=1)
+  slot = match.argmax(axis=1)
+  us, ud, uslot, uw = src[has], dst[has], slot[has], weight[has]
+  if mode == "max":
+    w[us, uslot] = np.maximum(w[us, uslot], uw)
+  else:
+    w[us, uslot] = np.minimum(w[us, uslot] + uw, 1.0)
+  updated = np.stack([us, ud], axis=1).astype(np.int32)
+  # New edges: per row, keep the K strongest of existing + proposed.
+  ns, nd, nw, nk = src[~has], dst[~has], weight[~has], kind[~has]
+  rows = np.unique(ns)
+  inserted, rejected, displaced = [], [], []
+  if rows.size:
+    r_nbr, r_w = nbr[rows], w[rows]
+    ex_row = np.repeat(np.arange(rows.size), k)
+    ex_slot = np.tile(np.arange(k), rows.size)
+    ex_ok = r_nbr.reshape(-1) >= 0
+    c_row = np.concatenate([ex_row[ex_ok], np.searchsorted(rows, ns)])
+    c_w = np.concatenate([r_w.reshape(-1)[ex_ok], nw])
+    c_new = np.concatenate([np.zeros(ex_ok.sum(), bool), np.ones(ns.size, bool)])
+    c_idx = np.concatenate([ex_slot[ex_ok], np.arange(ns.size)])
+    order = np.lexsort((c_new, -c_w, c_row))  # by row, strongest first, existing first on ties
+    c_row, c_w, c_new, c_idx = c_row[order], c_w[order], c_new[order], c_idx[order]
+    start = np.searchsorted(c_row, np.arange(rows.size))
+    rank = np.arange(c_row.size) - start[c_row]
+    keep = rank < k
+    gone_ex = ~keep & ~c_new
+    displaced = np.stack([rows[c_row[gone_ex]], r_nbr[c_row[gone_ex], c_idx[gone_ex]]], axis=1)
+    rej = ~keep & c_new
+    rejected = np.stack([ns[c_idx[rej]], nd[c_idx[rej]]], axis=1)
+    # Free the displaced slots, then fill free slots with the kept new edges in order.
+    nbr[rows[c_row[gone_ex]], c_idx[gone_ex]] = -1
+    w[rows[c_row[gone_ex]], c_idx[gone_ex]] = 0.0
+    knd[rows[c_row[gone_ex]], c_idx[gone_ex]] = 0
+    ins = keep & c_new
+    i_row, i_idx = c_row[ins], c_idx[ins]
+    i_start = np.searchsorted(i_row, np.arange(rows.size))
+    i_rank = np.arange(i_row.size) - i_start[i_row]
+    free = nbr[rows] < 0  # [R, K]
+    free_rank = np.cumsum(free, axis=1) - 1
+    free_rank = np.where(free, free_rank, k)  # occupied slots never match
+    target = np.argmax(free_rank[i_row] == i_rank[:, None], axis=1)
+    tr = rows[i_row]
+    nbr[tr, target] = nd[i_idx]
+    w[tr, target] = nw[i_idx]
+    knd[tr, target] = nk[i_idx]
+    inserted = np.stack([tr, nd[i_idx]], axis=1)
+  as_pairs = lambda a: np.asarray(a, np.int32).reshape(-1, 2) if len(a) else empty
+  graph = graph._replace(edges=jnp.asarray(edges))
+  return graph, EdgeUpdate(updated, as_pairs(inserted), as_pairs(rejected), as_pairs(displaced))
 
 
 def to_networkx(graph: Graph, *, include_embeddings: bool = False) -> nx.DiGraph:

@@ -186,3 +186,81 @@ def test_to_networkx_keeps_counts_and_attributes():
   assert nxg.edges[0, 1]["kind"] == "HEBBIAN"
   np.testing.assert_allclose(nxg.edges[0, 1]["weight"], 0.05, rtol=1e-6)
   assert nxg.nodes[0]["quality"] == np.float32(0.5)
+
+
+def _reference_add_edges(nbr, w, src, dst, wt, mode):
+  """Sequential reference of `add_edges`: update existing pairs, then insert the new ones one by
+  one, strongest first, into an empty slot or over a strictly weaker weakest slot."""
+  nbr, w = nbr.copy(), w.astype(np.float64).copy()
+  best = {}
+  for s, d, x in zip(src, dst, wt, strict=True):
+    if s != d:
+      best[(s, d)] = max(best.get((s, d), -1.0), x)
+  new = []
+  for (s, d), x in best.items():
+    hit = np.flatnonzero(nbr[s] == d)
+    if hit.size:
+      j = hit[0]
+      w[s, j] = max(w[s, j], x) if mode == "max" else min(w[s, j] + x, 1.0)
+    else:
+      new.append((x, s, d))
+  for x, s, d in sorted(new, key=lambda t: -t[0]):
+    empties = np.flatnonzero(nbr[s] < 0)
+    if empties.size:
+      j = empties[0]
+    else:
+      j = int(np.argmin(w[s]))
+      if not w[s, j] < x:
+        continue
+    nbr[s, j], w[s, j] = d, x
+  return nbr, w
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+  st.lists(
+    st.tuples(st.integers(0, 5), st.integers(0, 5), st.integers(1, 100)), min_size=1, max_size=30
+  ),
+  st.sampled_from(["max", "add"]),
+)
+def test_add_edges_matches_sequential_reference(proposals, mode):
+  g, _ = _graph(n=6, k=3)
+  g, _ = G.add_edges(g, [0, 0, 1], [1, 2, 2], [0.3, 0.6, 0.2], G.HEBBIAN)
+  src = np.array([p[0] for p in proposals])
+  dst = np.array([p[1] for p in proposals])
+  wt = np.array([p[2] / 100.0 for p in proposals], np.float32)  # distinct-ish weights
+  ref_nbr, ref_w = _reference_add_edges(
+    np.asarray(g.nbr), np.asarray(g.w), src, dst, wt.astype(np.float64), mode
+  )
+  g2, up = G.add_edges(g, src, dst, wt, G.CREATIVE, mode=mode)
+  for i in range(6):  # same set of (id, weight) per row; slot order may differ
+    got = sorted(
+      (int(a), round(float(b), 5)) for a, b in zip(g2.nbr[i], g2.w[i], strict=True) if a >= 0
+    )
+    want = sorted(
+      (int(a), round(float(b), 5)) for a, b in zip(ref_nbr[i], ref_w[i], strict=True) if a >= 0
+    )
+    assert got == want
+  # Every proposal is accounted for: updated, inserted or rejected.
+  pairs = {(int(s), int(d)) for s, d in zip(src, dst, strict=True) if s != d}
+  seen = {tuple(p) for a in (up.updated, up.inserted, up.rejected) for p in a.tolist()}
+  assert seen == pairs
+  # New edges carry the given kind; updated ones keep theirs.
+  kinds = {
+    (i, int(a)): int(c)
+    for i in range(6)
+    for a, c in zip(g2.nbr[i], g2.kind[i], strict=True)
+    if a >= 0
+  }
+  for s, d in up.inserted.tolist():
+    assert kinds[(s, d)] == G.CREATIVE
+  for s, d in up.displaced.tolist():
+    assert (s, d) not in kinds
+
+
+def test_add_edges_drops_dead_ends_and_self_loops():
+  g, _ = _graph(n=4, k=2)
+  g = G.remove_node(g, 3)
+  g, up = G.add_edges(g, [0, 0, 3, 1], [0, 3, 1, 2], [0.5, 0.5, 0.5, 0.5], G.ANALOGY)
+  assert up.inserted.tolist() == [[1, 2]]
+  assert int(g.nbr[0, 0]) == -1 and int(g.kind[1, 0]) == G.ANALOGY
