@@ -82,6 +82,9 @@ class SonaConfig:
     fisher_samples: signals used for the per-sample gradients of the Fisher estimate.
     bank_capacity: number of patterns the ReasoningBank holds.
     pattern_merge_threshold: a new pattern merges into its nearest one at this cosine or above.
+    probe_capacity: size of the retention probe set (signals kept from earlier Loop B cycles).
+    probe_per_cycle: signals each Loop B cycle adds to the probe set (2 per hourly cycle keep about
+      a week of probes at the default capacity).
     deep_weekday: weekday of the weekly Loop C, 0 = Monday ... 6 = Sunday (seed: Sunday).
     deep_hour_utc: hour (UTC) of the weekly Loop C (seed: 03:00).
     consolidate_min_access: Loop C consolidation: a node is high-value when its access count is
@@ -149,6 +152,8 @@ class SonaConfig:
   fisher_samples: int = 256
   bank_capacity: int = 1000
   pattern_merge_threshold: float = 0.9
+  probe_capacity: int = 336
+  probe_per_cycle: int = 2
   deep_weekday: int = 6
   deep_hour_utc: int = 3
   consolidate_min_access: int = 5
@@ -229,6 +234,8 @@ class SonaConfig:
     _check_range("fisher_samples", self.fisher_samples, 1, 1 << 16, integer=True)
     _check_range("bank_capacity", self.bank_capacity, 1, 1 << 20, integer=True)
     _check_range("pattern_merge_threshold", self.pattern_merge_threshold, -1.0, 1.0, integer=False)
+    _check_range("probe_capacity", self.probe_capacity, 1, 1 << 20, integer=True)
+    _check_range("probe_per_cycle", self.probe_per_cycle, 0, 1 << 16, integer=True)
     _check_range("deep_weekday", self.deep_weekday, 0, 6, integer=True)
     _check_range("deep_hour_utc", self.deep_hour_utc, 0, 23, integer=True)
     _check_range("consolidate_min_access", self.consolidate_min_access, 0, None, integer=True)

@@ -19,12 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sona_jax import buffer, lora, patterns, router, types
 from sona_jax import graph as graph_lib
-from sona_jax import lora, patterns, router, types
+from sona_jax import metrics as metrics_lib
 from sona_jax.config import SonaConfig
 from sona_jax.loops.background import BackgroundReport, background_step, signal_features
 from sona_jax.loops.instant import InstantReport, instant_scan, instant_step
-from sona_jax.state import SonaState, init_state, router_apply
+from sona_jax.state import MICRO_UPDATES, PROCESSED, REJECTED, SonaState, init_state, router_apply
 
 __all__ = ["Sona", "Due", "adapt", "route", "due", "last_deep_slot"]
 
@@ -378,6 +379,81 @@ class Sona:
         self.save()
     _log.info("sona_jax: Loop C slot at %s: not built yet, nothing ran", now)
     return {"ran": False, "reason": "Loop C is not built yet", "time": now}
+
+  def metrics(self, now: float | None = None) -> metrics_lib.ImprovementMetrics:
+    """The seed's `ImprovementMetrics` at Unix time `now` (the clock when None)."""
+    now = self.clock() if now is None else now
+    with self._lock:
+      state = self._state
+    return metrics_lib.improvement_metrics(state, self.cfg, int(now - self.time_origin))
+
+  def stats(self, now: float | None = None) -> dict:
+    """A JSON-serialisable summary: counters, buffers, graph, bank, schedule and metrics."""
+    now = self.clock() if now is None else now
+    with self._lock:
+      state = self._state
+      history = list(self.history)
+    c = np.asarray(state.metrics.counters)
+    sig_meta = np.asarray(state.signals.meta)
+    traj_meta = np.asarray(state.trajectories.meta)
+    g = state.graph
+    alive = np.asarray(g.alive)
+    nbr = np.asarray(g.nbr)
+    kind = np.asarray(g.kind)
+    has = (nbr >= 0) & alive[:, None]
+    bank_alive = np.asarray(state.bank.alive)
+    level = np.asarray(state.bank.level)
+    d = due(now, self.last_background, self.last_deep, self.cfg)
+    return {
+      "time": {
+        "origin": self.time_origin,
+        "now": float(now),
+        "elapsed_s": float(now - self.time_origin),
+      },
+      "requests": {
+        "processed": int(c[PROCESSED]),
+        "rejected": int(c[REJECTED]),
+        "micro_updates": int(c[MICRO_UPDATES]),
+      },
+      "signals": {
+        "waiting": int(buffer.unread(state.signals)),
+        "written": int(sig_meta[buffer.WRITTEN]),
+        "dropped": int(sig_meta[buffer.DROPPED]),
+        "capacity": self.cfg.signal_capacity,
+      },
+      "trajectories": {
+        "held": int(traj_meta[buffer.SIZE]),
+        "written": int(traj_meta[buffer.WRITTEN]),
+        "dropped": int(traj_meta[buffer.DROPPED]),
+      },
+      "graph": {
+        "nodes": int(alive.sum()),
+        "capacity": self.cfg.graph_capacity,
+        "edges": {
+          name.lower(): int(np.sum(has & (kind == i)))
+          for i, name in enumerate(graph_lib.EDGE_KINDS)
+        },
+      },
+      "bank": {
+        "patterns": int(bank_alive.sum()),
+        "capacity": self.cfg.bank_capacity,
+        "by_level": {
+          str(int(lv)): int(np.sum(bank_alive & (level == lv)))
+          for lv in np.unique(level[bank_alive])
+        },
+      },
+      "schedule": {
+        "last_background": self.last_background,
+        "last_deep": self.last_deep,
+        "background_due": bool(d.background),
+        "deep_due": bool(d.deep),
+        "cycles": {
+          "background": sum(1 for loop, _ in history if loop == "background"),
+          "deep": sum(1 for loop, _ in history if loop == "deep"),
+        },
+      },
+      "improvement": self.metrics(now).to_dict(),
+    }
 
   def tick(self, now: float | None = None) -> dict:
     """Runs whichever loops are due (`due`) at Unix time `now` (the clock when None).

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sona_jax import buffer, ewc, graph, lora, patterns, router, types
+from sona_jax import buffer, ewc, graph, lora, metrics, patterns, router, types
 from sona_jax.config import SonaConfig
 
 __all__ = [
@@ -35,13 +35,19 @@ N_COUNTERS = 4
 
 
 class Metrics(NamedTuple):
-  """Loop A counters, `i32[4]` indexed by `PROCESSED`, `REJECTED`, `MICRO_UPDATES`, `LAST_TIME`.
+  """Counters and rolling metrics.
 
-  Counters are int32 and wrap after 2**31 events; read them often enough (the driver does) to keep
-  exact totals on the host.
+  Attributes:
+    counters: Loop A counters, `i32[4]` indexed by `PROCESSED`, `REJECTED`, `MICRO_UPDATES`,
+      `LAST_TIME` (the only part Loop A touches). Counters are int32 and wrap after 2**31 events;
+      read them often enough (the driver does) to keep exact totals on the host.
+    daily: `metrics.DailyBins`, rolling daily sums that Loop B and Loop C fill.
+    probe: ring buffer of retention probes (`metrics.Probe` rows) that Loop B fills.
   """
 
   counters: jax.Array
+  daily: metrics.DailyBins
+  probe: buffer.RingBuffer
 
   @property
   def processed(self) -> jax.Array:
@@ -152,7 +158,11 @@ def init_state(cfg: SonaConfig, key: jax.Array) -> SonaState:
     signals=signals,
     trajectories=trajectories,
     graph=graph.init_graph(cfg.graph_capacity, d, cfg.graph_degree),
-    metrics=Metrics(counters=jnp.zeros((N_COUNTERS,), jnp.int32)),
+    metrics=Metrics(
+      counters=jnp.zeros((N_COUNTERS,), jnp.int32),
+      daily=metrics.init_daily(cfg.n_tiers),
+      probe=metrics.init_probe(router_features_width(cfg), cfg.probe_capacity),
+    ),
     key=jax.random.key_data(k_state),
     router=rstate,
     ewc=ewc.init_ewc(rstate.params),

@@ -81,7 +81,15 @@ def test_cycle_updates_every_part_and_consumes_each_signal_once():
   router0 = jax.tree.map(np.asarray, state.router.params)
   new, rep = sona.background_step(state, CFG, 1000)
   assert rep.ran and rep.n_signals == 120 and rep.missed == 0
-  assert set(rep.seconds) == {"drain", "consolidate", "router", "fisher", "patterns", "total"}
+  assert set(rep.seconds) == {
+    "drain",
+    "consolidate",
+    "router",
+    "fisher",
+    "patterns",
+    "metrics",
+    "total",
+  }
   # Each signal consumed exactly once.
   assert int(buffer.unread(new.signals)) == 0
   # Consolidation (DESIGN 4.1): micro reset; the adapted output is preserved up to the rate.

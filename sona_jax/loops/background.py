@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sona_jax import buffer, ewc, lora, patterns, router, types
+from sona_jax import buffer, ewc, lora, metrics, patterns, router, types
 from sona_jax.config import SonaConfig
 from sona_jax.state import SonaState, router_apply, router_optimizer
 
@@ -48,7 +48,10 @@ class BackgroundReport(NamedTuple):
     patterns_inserted: new patterns given a slot of their own.
     patterns_evicted: slots evicted to make room (their ids are in `evicted_ids`).
     evicted_ids: the evicted pattern slots.
-    seconds: wall time per phase (`drain`, `consolidate`, `router`, `fisher`, `patterns`, `total`).
+    retention: router accuracy now / when learned on the probes of earlier cycles (NaN: none).
+    n_probes: probes it was measured on.
+    seconds: wall time per phase (`drain`, `consolidate`, `router`, `fisher`, `patterns`,
+      `metrics`, `total`).
   """
 
   ran: bool
@@ -63,6 +66,8 @@ class BackgroundReport(NamedTuple):
   patterns_inserted: int = 0
   patterns_evicted: int = 0
   evicted_ids: tuple[int, ...] = ()
+  retention: float = float("nan")
+  n_probes: int = 0
   seconds: dict[str, float] | None = None
 
 
@@ -188,6 +193,34 @@ def _patterns(bank, sig_rows, mask, cfg: SonaConfig, key, now):
   return bank, rep
 
 
+@functools.partial(jax.jit, static_argnums=5)
+def _metrics(mstate, params, feats, sig_rows, mask, cfg: SonaConfig, key, now, n_inserted):
+  """Daily bins from the drained signals, retention on the probe set, new probes, patterns."""
+  sig = types.unpack_signals(sig_rows, cfg)
+  tier, success = _labels(sig, cfg)
+  daily = metrics.record_signals(mstate.daily, sig_rows, mask, cfg)
+  probe, retention, n_probes = metrics.probe_update(
+    mstate.probe,
+    params,
+    router_apply(cfg),
+    feats[:, 0, :],
+    tier,
+    success,
+    mask,
+    key,
+    now,
+    cfg.probe_per_cycle,
+  )
+  daily = metrics.record_event(daily, now, metrics.PATTERNS, n_inserted.astype(jnp.float32))
+  daily = jax.lax.cond(
+    jnp.isfinite(retention),
+    lambda d: metrics.record_event(d, now, metrics.RETENTION, retention),
+    lambda d: d,
+    daily,
+  )
+  return mstate._replace(daily=daily, probe=probe), retention, n_probes
+
+
 def background_step(state: SonaState, cfg: SonaConfig, now, *, force: bool = False):
   """Loop B: one background cycle (see the module docstring).
 
@@ -215,7 +248,7 @@ def background_step(state: SonaState, cfg: SonaConfig, now, *, force: bool = Fal
     t = now_t
 
   key = jax.random.wrap_key_data(state.key)
-  key, k_router, k_fisher, k_patterns = jax.random.split(key, 4)
+  key, k_router, k_fisher, k_patterns, k_probe = jax.random.split(key, 5)
   now_i = jnp.int32(now)
 
   signals, rows, mask, missed = jax.block_until_ready(_drain(state.signals, cfg))
@@ -240,6 +273,11 @@ def background_step(state: SonaState, cfg: SonaConfig, now, *, force: bool = Fal
 
   bank, rep = jax.block_until_ready(_patterns(state.bank, rows, mask, cfg, k_patterns, now_i))
   lap("patterns")
+
+  mstate, retention, n_probes = jax.block_until_ready(
+    _metrics(state.metrics, rstate.params, feats, rows, mask, cfg, k_probe, now_i, rep.n_inserted)
+  )
+  lap("metrics")
   seconds["total"] = time.perf_counter() - t_start
 
   new_state = state._replace(
@@ -249,6 +287,7 @@ def background_step(state: SonaState, cfg: SonaConfig, now, *, force: bool = Fal
     router=rstate,
     ewc=ewc_state,
     bank=bank,
+    metrics=mstate,
     key=jax.random.key_data(key),
   )
   evicted = np.asarray(rep.evicted)
@@ -265,6 +304,8 @@ def background_step(state: SonaState, cfg: SonaConfig, now, *, force: bool = Fal
     patterns_inserted=int(rep.n_inserted),
     patterns_evicted=int(rep.n_evicted),
     evicted_ids=tuple(int(i) for i in evicted[evicted >= 0]),
+    retention=float(retention),
+    n_probes=int(n_probes),
     seconds=seconds,
   )
   return new_state, report
