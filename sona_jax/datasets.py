@@ -40,6 +40,8 @@ class DriftTask(NamedTuple):
     clean_queries: f32[n, dim] the same queries before the drift.
     query_labels: i32[n] class of each query.
     direction: f32[dim] unit drift direction.
+    memory_index: i32[m] index of each memory in `load_digits`.
+    query_index: i32[n] index of each query in `load_digits`.
   """
 
   memories: np.ndarray
@@ -48,6 +50,8 @@ class DriftTask(NamedTuple):
   clean_queries: np.ndarray
   query_labels: np.ndarray
   direction: np.ndarray
+  memory_index: np.ndarray
+  query_index: np.ndarray
 
 
 def digits_drift(
@@ -91,6 +95,8 @@ def digits_drift(
     clean_queries=clean,
     query_labels=y[q_idx].astype(np.int32),
     direction=direction,
+    memory_index=mem_idx.astype(np.int32),
+    query_index=q_idx.astype(np.int32),
   )
 
 

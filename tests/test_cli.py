@@ -1,4 +1,4 @@
-"""The `sona-jax` console script runs the real demo end to end."""
+"""The `sona-jax` console script: the week-long demo, the drift run, inspect, bench."""
 
 import json
 import shutil
@@ -6,12 +6,65 @@ import subprocess
 import sys
 
 
+def _cmd():
+  exe = shutil.which("sona-jax")
+  return [exe] if exe else [sys.executable, "-m", "sona_jax.cli"]
+
+
+def test_week_demo_writes_report_plots_and_checkpoint_and_shows_learning(tmp_path):
+  out = tmp_path / "demo"
+  proc = subprocess.run(
+    [*_cmd(), "demo", "--out", str(out), "--requests", "1400"],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr
+  for line in ("retrieval precision@5", "cost per request", "router savings", "Phi_AR"):
+    assert line in proc.stdout
+  report = json.loads((out / "report.json").read_text())
+  days = report["per_day"]
+  assert [d["day"] for d in days] == list(range(1, 8))
+  assert sum(d["requests"] for d in days) == 1400 == report["stats"]["requests"]["processed"]
+  first, last = days[0], days[-1]
+  # The numbers come from the run: the day rows agree with the hourly series they summarise.
+  hourly = report["hourly"]
+  day1 = [p for h, p in zip(hourly["hour"], hourly["precision"], strict=True) if h < 24]
+  assert min(day1) <= first["precision"] <= max(day1)
+  # Learning shows: the last day is better in quality, or cheaper at no lower quality.
+  assert last["quality"] > first["quality"] or (
+    last["cost"] < first["cost"] and last["success"] >= first["success"]
+  ), (first, last)
+  held = report["held_out"]
+  assert held["precision_adapted"] > held["precision_frozen"] + 0.1, held
+  # Loop B hourly (when 50 signals wait: 1400 requests a week is ~8 an hour), Loop C once.
+  assert 20 <= report["loop_b_cycles"] <= 40 and len(report["deep_hours"]) == 1
+  assert 6 * 24 + 3 <= report["deep_hours"][0] < 6 * 24 + 4  # Sunday 03:00 UTC
+  for name in ("quality.png", "tiers.png", "cost.png"):
+    assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # The checkpoint restores, and `inspect` summarises it.
+  ins = subprocess.run(
+    [*_cmd(), "inspect", str(out / "checkpoint"), "--json"], capture_output=True, text=True
+  )
+  assert ins.returncode == 0, ins.stderr
+  info = json.loads(ins.stdout)
+  assert info["stats"]["requests"]["processed"] == 1400
+  assert info["stats"]["graph"]["nodes"] == report["stats"]["graph"]["nodes"]
+
+
+def test_inspect_and_bench_reject_bad_arguments(tmp_path):
+  proc = subprocess.run([*_cmd(), "inspect", str(tmp_path)], capture_output=True, text=True)
+  assert proc.returncode == 2 and "no checkpoint" in proc.stderr
+  proc = subprocess.run([*_cmd(), "bench", "nope"], capture_output=True, text=True)
+  assert proc.returncode == 2 and "unknown" in proc.stderr
+
+
 def test_demo_runs_and_reports_learning(tmp_path):
   exe = shutil.which("sona-jax")
   cmd = [exe] if exe else [sys.executable, "-m", "sona_jax.cli"]
   out_json = tmp_path / "demo.json"
   proc = subprocess.run(
-    [*cmd, "demo", "--requests", "600", "--json", str(out_json)],
+    [*cmd, "drift", "--requests", "600", "--json", str(out_json)],
     capture_output=True,
     text=True,
     timeout=300,
