@@ -401,7 +401,7 @@ def run_week(
 
 
 def _extra(engine) -> dict:
-  return {"last_background": engine.last_background, "last_deep": engine.last_deep}
+  return engine._schedule_extra()
 
 
 def _deep_summary(report) -> dict:

@@ -490,10 +490,19 @@ class Sona:
         self._state,
         self.cfg,
         time_origin=self.time_origin,
-        extra={"last_background": self.last_background, "last_deep": self.last_deep},
+        extra=self._schedule_extra(),
       )
     _log.info("sona_jax: checkpoint step %d saved to %s", step, self.checkpoint_dir)
     return step
+
+  def _schedule_extra(self) -> dict:
+    """Driver state outside the pytree that a restore needs to continue exactly."""
+    return {
+      "last_background": self.last_background,
+      "last_deep": self.last_deep,
+      "route_key": [int(v) for v in np.asarray(jax.random.key_data(self._route_key))],
+      "route_count": self._route_count,
+    }
 
   def wait_checkpoints(self) -> None:
     """Blocks until pending asynchronous checkpoint writes are on disk."""
@@ -519,6 +528,9 @@ class Sona:
     extra = meta.get("extra") or {}
     engine.last_background = float(extra.get("last_background", engine.time_origin))
     engine.last_deep = float(extra.get("last_deep", engine.time_origin))
+    if "route_key" in extra:
+      engine._route_key = jax.random.wrap_key_data(np.asarray(extra["route_key"], np.uint32))
+      engine._route_count = int(extra.get("route_count", 0))
     return engine
 
   def begin_background(self, *, force: bool = True, now: float | None = None):

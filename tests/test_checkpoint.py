@@ -210,3 +210,59 @@ def test_async_save_then_wait(tmp_path):
 
 def test_no_pickle():
   assert "pickle" not in inspect.getsource(checkpoint).lower()
+
+
+_SAVER = r"""
+import sys, jax, numpy as np
+import sona_jax as sona
+from sona_jax.checkpoint import Checkpointer
+cfg = sona.SonaConfig.from_dict(__import__("json").loads(sys.argv[2]))
+state = sona.init_state(cfg, jax.random.key(0))
+with Checkpointer(sys.argv[1], max_to_keep=3) as ck:
+  ck.save(0, state, cfg, time_origin=0.0)
+  ck.wait()
+  print("ready", flush=True)
+  step = 1
+  while True:  # asynchronous saves back to back until killed
+    leaves, tree = jax.tree.flatten(state)
+    state = jax.tree.unflatten(tree, [x + 1 if x.dtype != jax.numpy.bool_ else x for x in leaves])
+    ck.save(step, state, cfg, time_origin=0.0)
+    step += 1
+"""
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.8])
+def test_kill_9_during_async_saves_never_leaves_the_store_unreadable(tmp_path, delay):
+  import subprocess
+  import sys
+  import warnings
+
+  d = tmp_path / "ck"
+  cfg = CFG.replace(graph_capacity=256, signal_capacity=512, trajectory_capacity=512)
+  proc = subprocess.Popen(
+    [sys.executable, "-c", _SAVER, str(d), json.dumps(cfg.to_dict())],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+    time.sleep(delay)
+  finally:
+    proc.kill()  # SIGKILL: no cleanup, whatever write was in flight stays half done
+    proc.communicate(timeout=60)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with Checkpointer(str(d)) as ck:
+      state, cfg2, _ = ck.restore()
+      steps = ck.all_steps()
+  assert cfg2 == cfg and steps
+  # The restored state is one of the saved ones: step s has every number leaf shifted by s.
+  base = sona.init_state(cfg, jax.random.key(0))
+  shift = int(np.asarray(state.metrics.counters)[0] - np.asarray(base.metrics.counters)[0])
+  assert 0 <= shift <= max(steps)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(base), strict=True):
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype != np.bool_:
+      np.testing.assert_array_equal(a, b + np.asarray(shift, b.dtype))
+  assert all(issubclass(w.category, RuntimeWarning) for w in caught), [str(w) for w in caught]
