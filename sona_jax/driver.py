@@ -132,6 +132,53 @@ def route(state: SonaState, query, cfg: SonaConfig, key, *, context_tokens=0, la
   )
 
 
+_NAMES = {"background": "B", "deep": "C"}
+
+
+def _log_report(loop: str, report) -> None:
+  """Logs what a cycle did (the seed's tracing)."""
+  if loop == "background":
+    if report.ran:
+      _log.info(
+        "sona_jax: Loop B ran on %d signals in %.3f s (missed %d, patterns +%d merged %d "
+        "evicted %d, retention %.3f)",
+        report.n_signals,
+        report.seconds["total"],
+        report.missed,
+        report.patterns_inserted,
+        report.patterns_merged,
+        report.patterns_evicted,
+        report.retention,
+      )
+    else:
+      _log.info("sona_jax: Loop B skipped: %s", report.reason)
+    return
+  _log.info("sona_jax: Loop C %s", deep_summary(report))
+
+
+def deep_summary(report) -> str:
+  """One line on what a Loop C cycle did (every count is backed by ids in the report)."""
+  parts = []
+  for name in ("consolidation", "abstraction", "dreams", "transfer", "compression", "phi"):
+    sub = getattr(report, name, None)
+    if sub is None:
+      continue
+    fields = sub._asdict() if hasattr(sub, "_asdict") else {}
+    counts = []
+    for k, v in fields.items():
+      if k == "seconds":
+        continue
+      if isinstance(v, (int, float)) and not isinstance(v, bool):
+        counts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+      elif hasattr(v, "shape") and getattr(v, "ndim", 0) >= 1:
+        counts.append(f"{k}={v.shape[0]}")
+      elif isinstance(v, tuple) and k.endswith("ids"):
+        counts.append(f"{k}={len(v)}")
+    parts.append(f"{name}({', '.join(counts[:6])})")
+  total = (getattr(report, "seconds", None) or {}).get("total", float("nan"))
+  return f"ran in {total:.2f} s: " + "; ".join(parts)
+
+
 class Sona:
   """A SONA learner: config, current state, clock.
 
@@ -341,44 +388,25 @@ class Sona:
     """Loop B now; forced by default, so it runs below `min_samples` (with at least one signal).
 
     `now` is Unix seconds (the clock when None)."""
+    return self._run_cycle("background", now, force=force)
+
+  def run_deep(self, *, now: float | None = None):
+    """Loop C now (`deep_step`): consolidation, abstraction, dreams, transfer, compression and
+    the integration proxy, then a checkpoint when the driver has a directory.
+
+    `now` is Unix seconds (the clock when None). Returns the `loops.deep.DeepReport`."""
+    return self._run_cycle("deep", now)
+
+  def _run_cycle(self, loop: str, now: float | None, *, force: bool = False):
     with self._lock:
       if self._journal is not None:
-        raise RuntimeError("run_background: a background cycle is running (begin_background)")
+        raise RuntimeError(f"run_{loop}: a background cycle is running (begin_{loop})")
       now = self.clock() if now is None else now
-      self._state, report = background_step(
-        self._state, self.cfg, int(now - self.time_origin), force=force
-      )
-      if report.ran:
-        self.last_background = now
-        self.history.append(("background", now))
-        if self._checkpointer is not None:
-          self.save()
-    if report.ran:
-      _log.info(
-        "sona_jax: Loop B ran on %d signals in %.3f s (missed %d, patterns +%d merged %d "
-        "evicted %d)",
-        report.n_signals,
-        report.seconds["total"],
-        report.missed,
-        report.patterns_inserted,
-        report.patterns_merged,
-        report.patterns_evicted,
-      )
-    else:
-      _log.info("sona_jax: Loop B skipped: %s", report.reason)
+      self._state, report, ran = self._cycle(loop, self._state, now, force=force)
+      if ran:
+        self._finish_cycle(loop, now, report)
+    _log_report(loop, report)
     return report
-
-  def run_deep(self, *, now: float | None = None) -> dict:
-    """Loop C now. Its slot in the schedule exists; the loop itself lands with its own issue,
-    so until then this records the slot and reports that nothing ran."""
-    with self._lock:
-      now = self.clock() if now is None else now
-      self.last_deep = now
-      self.history.append(("deep", now))
-      if self._checkpointer is not None:
-        self.save()
-    _log.info("sona_jax: Loop C slot at %s: not built yet, nothing ran", now)
-    return {"ran": False, "reason": "Loop C is not built yet", "time": now}
 
   def metrics(self, now: float | None = None) -> metrics_lib.ImprovementMetrics:
     """The seed's `ImprovementMetrics` at Unix time `now` (the clock when None)."""
@@ -545,46 +573,79 @@ class Sona:
     Returns:
       A `concurrent.futures.Future` of the `BackgroundReport`.
     """
+    return self._begin_cycle("background", now, force=force)
+
+  def begin_deep(self, *, now: float | None = None):
+    """Starts Loop C on a snapshot in a thread, like `begin_background` (see there).
+
+    Transitions made meanwhile are replayed on the restructured state; an observation naming a
+    memory that compression merged away is then rejected by Loop A's validation and counted
+    (`REJECTED`), never applied to a recycled id.
+
+    Returns:
+      A `concurrent.futures.Future` of the `DeepReport`.
+    """
+    return self._begin_cycle("deep", now)
+
+  def _cycle(self, loop: str, state: SonaState, now: float, *, force: bool = False):
+    """Runs one Loop B or Loop C cycle on `state` (pure); returns `(state, report, ran)`."""
+    t = int(now - self.time_origin)
+    if loop == "background":
+      state, report = background_step(state, self.cfg, t, force=force)
+      return state, report, report.ran
+    from sona_jax.loops.deep import deep_step  # Loop C pulls in scikit-learn and networkx
+
+    state, report = deep_step(state, self.cfg, t)
+    return state, report, True
+
+  def _finish_cycle(self, loop: str, now: float, report) -> None:
+    """Bookkeeping after a cycle ran (lock held): schedule, history, checkpoint."""
+    if loop == "background":
+      self.last_background = now
+    else:
+      self.last_deep = now
+    self.history.append((loop, now))
+    if self._checkpointer is not None:
+      self.save()
+
+  def _begin_cycle(self, loop: str, now: float | None, *, force: bool = False):
     import concurrent.futures
 
     future: concurrent.futures.Future = concurrent.futures.Future()
     with self._lock:
       if self._journal is not None:
-        raise RuntimeError("begin_background: a background cycle is already running")
+        raise RuntimeError(f"begin_{loop}: a background cycle is already running")
       now = self.clock() if now is None else now
       snapshot = jax.tree.map(jnp.copy, self._state)  # Loop A donates the live arrays
       self._journal = []
 
     def work():
       try:
-        new_state, report = background_step(
-          snapshot, self.cfg, int(now - self.time_origin), force=force
-        )
+        new_state, report, ran = self._cycle(loop, snapshot, now, force=force)
       except BaseException as e:  # keep serving on the live state; nothing half-applied
         with self._lock:
           self._journal = None
-        _log.exception("sona_jax: Loop B failed; the live state is unchanged")
+        _log.exception("sona_jax: Loop %s failed; the live state is unchanged", _NAMES[loop])
         future.set_exception(e)
         return
       with self._lock:
-        if report.ran:
+        if ran:
           state = new_state
           for op in self._journal:
             state, _ = op(state)
           self._state = state
-          self.last_background = now
-          self.history.append(("background", now))
         self._journal = None
-        if report.ran and self._checkpointer is not None:
-          self.save()
-      _log.info("sona_jax: Loop B (background thread) %s", "ran" if report.ran else report.reason)
+        if ran:
+          self._finish_cycle(loop, now, report)
+      _log_report(loop, report)
       future.set_result(report)
 
-    threading.Thread(target=work, name="sona-loop-b", daemon=True).start()
+    threading.Thread(target=work, name=f"sona-loop-{_NAMES[loop]}", daemon=True).start()
     return future
 
   def start(self, *, poll_s: float = 1.0) -> None:
-    """Runs the schedule (`due`) on a worker thread: Loop B via `begin_background`, Loop C."""
+    """Runs the schedule (`due`) on a worker thread: Loop B via `begin_background`, Loop C via
+    `begin_deep`, each on a snapshot while Loop A keeps serving."""
     if self._worker is not None and self._worker.is_alive():
       raise RuntimeError("Sona.start: already started")
     self._stop.clear()
@@ -599,7 +660,10 @@ class Sona:
           except Exception:  # logged by begin_background; retried at the next slot
             pass
         if d.deep:
-          self.run_deep(now=now)
+          try:
+            self.begin_deep(now=now).result()
+          except Exception:  # logged by begin_deep; retried at the next poll
+            pass
         self._stop.wait(poll_s)
 
     self._worker = threading.Thread(target=loop, name="sona-schedule", daemon=True)
