@@ -3,10 +3,10 @@
 Loop B clusters the trajectory embeddings of its buffer with `kmeans_pp` (spherical k-means:
 k-means++ seeding, then Lloyd iterations on the unit sphere), summarises each cluster with
 `pattern_stats`, and folds the clusters into a fixed-capacity `Bank` with `merge_patterns`: a
-new pattern merges into its nearest alive neighbour when their cosine is at least a threshold
-(weighted by size), else takes a free slot, else evicts the lowest-value pattern, value being
-`avg_quality * log(1 + size) * recency`. Retrieval is `find_patterns`, a jitted top-k by cosine;
-`record_access` is the separate transition that marks what was retrieved as used.
+new pattern merges into its nearest alive level-0 neighbour when their cosine is at least a
+threshold (weighted by size), else takes a free slot, else evicts the lowest-value pattern, value
+being `avg_quality * log(1 + size) * recency`. Retrieval is `find_patterns`, a jitted top-k by
+cosine; `record_access` is the separate transition that marks what was retrieved as used.
 
 Every transition is pure and jitted over fixed shapes, so a bank checkpoints as plain arrays and
 nothing recompiles as values change. Patterns form a tree by `parent` pointers (Loop C writes
@@ -341,7 +341,9 @@ def pattern_value(bank: Bank, now, half_life_s=7 * 86_400.0) -> jax.Array:
 def _merge_one(bank: Bank, new, now, threshold, half_life_s):
   c, size, q, t_succ, t_cnt, valid = new
   c = _normalize(c)
-  cos = jnp.where(bank.alive, bank.centroid @ c, -jnp.inf)
+  # Only extracted (level-0) patterns absorb new ones: merging into a Loop C abstraction would
+  # count the new pattern's size twice (once in the abstraction, once in its members).
+  cos = jnp.where(bank.alive & (bank.level == 0), bank.centroid @ c, -jnp.inf)
   near = jnp.argmax(cos).astype(jnp.int32)
   merge = valid & (cos[near] >= threshold)
   has_free = ~jnp.all(bank.alive)
@@ -399,7 +401,8 @@ def merge_patterns(
 ):
   """Folds `m` new patterns into the bank, in order (`lax.scan`).
 
-  Each valid new pattern merges into its nearest alive pattern when their cosine is
+  Each valid new pattern merges into its nearest alive level-0 pattern (never a Loop C
+  abstraction) when their cosine is
   `>= merge_threshold` (centroid = normalised size-weighted mean, sizes and tier counts summed,
   quality size-weighted, `last_access = now`); else it takes the first free slot; else it evicts the
   pattern of lowest `pattern_value` and takes its slot. All hyperparameters are traced.

@@ -363,3 +363,16 @@ def test_bank_invariants_hold_under_random_merges(seed, n_new, threshold, rounds
     np.testing.assert_allclose(np.asarray(scores)[:m], top, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(sims[np.asarray(ids)[:m]], top, rtol=1e-5, atol=1e-6)
     assert np.all(np.asarray(ids)[m:] == -1)
+
+
+def test_new_patterns_never_merge_into_abstractions():
+  bank = P.init_bank(4, 3, 2)
+  c = jnp.asarray([[1.0, 0.0, 0.0]], jnp.float32)
+  one = jnp.ones((1,), jnp.float32)
+  tiers = jnp.zeros((1, 2), jnp.float32)
+  valid = jnp.ones((1,), bool)
+  bank, _ = P.merge_patterns(bank, c, one, one, tiers, tiers, valid, now=0)
+  bank = bank._replace(level=bank.level.at[0].set(1))  # slot 0 is now a Loop C abstraction
+  bank, rep = P.merge_patterns(bank, c, one, one, tiers, tiers, valid, now=1)
+  assert int(rep.n_merged) == 0 and int(rep.n_inserted) == 1
+  assert float(bank.size[0]) == 1.0 and int(bank.level[int(rep.slot[0])]) == 0
