@@ -8,6 +8,7 @@ from sona_jax import buffer as buffer
 from sona_jax import ewc as ewc
 from sona_jax import graph as graph
 from sona_jax import lora as lora
+from sona_jax import metrics as metrics
 from sona_jax import patterns as patterns
 from sona_jax import router as router
 from sona_jax import types as types
@@ -29,3 +30,22 @@ from sona_jax.types import make_interaction as make_interaction
 from sona_jax.types import stack_interactions as stack_interactions
 
 __version__ = "0.1.0"
+
+# Loop C pulls in scikit-learn, SciPy and networkx: loaded on first use, not at import.
+_LAZY = {
+  "deep_step": ("sona_jax.loops.deep", "deep_step"),
+  "DeepReport": ("sona_jax.loops.deep", "DeepReport"),
+  "concepts": ("sona_jax.concepts", None),
+  "phi": ("sona_jax.phi", None),
+  "ivf": ("sona_jax.ivf", None),
+}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    import importlib
+
+    module, attr = _LAZY[name]
+    mod = importlib.import_module(module)
+    return mod if attr is None else getattr(mod, attr)
+  raise AttributeError(f"module 'sona_jax' has no attribute {name!r}")

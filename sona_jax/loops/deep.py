@@ -1,0 +1,541 @@
+"""Loop C: the weekly deep cycle (DESIGN.md section 5, seed section 4).
+
+`deep_step(state, cfg, now)` runs the seed's six phases in order, each a function with its own
+report, and times each:
+
+1. consolidation (`consolidate_memories`): edges between high-value memories (access >
+   `consolidate_min_access`, quality > `consolidate_min_quality`) whose cosine is above
+   `consolidate_min_cosine` gain `consolidate_rate * cos` in both directions (`graph.add_edges`,
+   `mode="add"`: an existing edge keeps its kind, a missing one is inserted as `CONSOLIDATED`);
+   low-value old memories (access < `decay_max_access`, age > `decay_min_age_days`) have their
+   strength multiplied by `decay_factor`;
+2. abstraction (`concepts.abstract_patterns`), 3. dreams (`concepts.dream`), 4. cross-domain
+   transfer (`concepts.transfer`);
+5. compression (`compress_memory`): near-duplicates (cosine >= `dedup_threshold`) are merged, then
+   edges below `prune_threshold` are pruned;
+6. the integrated-information proxy (`phi.graph_phi`).
+
+Phases 1 and 5 are host-side (NumPy bookkeeping around jitted blocked matmuls): Loop C runs once a
+week off the serving path, on a snapshot. All-pairs candidates come from `sona_jax.ivf`: exact
+(blocked brute force) up to `EXACT_MAX` rows, an inverted file above, with its recall against brute
+force measured on a sample and reported. Nothing is removed silently: every decayed node, merged
+node, absorbed, dropped or pruned edge, and every edge a full row could not take is in a report.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from sona_jax import concepts, ivf, metrics, phi
+from sona_jax import graph as graph_lib
+from sona_jax.config import SonaConfig
+from sona_jax.graph import (
+  ACCESS,
+  ALIVE,
+  CONSOLIDATED,
+  CREATED,
+  LAST_ACCESS,
+  QUALITY,
+  STRENGTH,
+  Graph,
+)
+from sona_jax.state import SonaState
+
+__all__ = [
+  "EXACT_MAX",
+  "ConsolidationReport",
+  "CompressionReport",
+  "DeepReport",
+  "consolidate_memories",
+  "compress_memory",
+  "deep_step",
+]
+
+# Up to this many candidate rows, pairs are searched exactly (one 4,096 x 4,096 block: 13 GFLOP
+# at dim 384, a fraction of a second); above it, with the inverted file of `sona_jax.ivf`.
+EXACT_MAX = 4096
+_DAY_S = 86_400
+_I32_MAX = np.iinfo(np.int32).max
+
+
+def _pairs_array(a, b) -> np.ndarray:
+  return np.stack([np.asarray(a, np.int32), np.asarray(b, np.int32)], axis=1).reshape(-1, 2)
+
+
+_NO_PAIRS = np.zeros((0, 2), np.int32)
+
+
+class ConsolidationReport(NamedTuple):
+  """What Loop C's consolidation did (host NumPy values).
+
+  Attributes:
+    high_value: number of high-value nodes (access and quality above their thresholds).
+    strengthened: i32[m, 2] the qualifying pairs `(i, j)`, `i < j`, cosine above
+      `consolidate_min_cosine`; each was proposed in both directions.
+    cosine: f32[m] their cosines (the edges gained `consolidate_rate * cosine`).
+    updated: i32[u, 2] directed edges `(src, dst)` that existed and gained weight.
+    inserted: i32[e, 2] directed edges inserted as `CONSOLIDATED`.
+    rejected: i32[r, 2] proposed directed edges that found no slot (their row's K edges were all
+      stronger).
+    displaced: i32[d, 2] existing edges that lost their slot to a stronger inserted one.
+    decayed: i32[k] nodes whose strength was multiplied by `decay_factor`.
+    method: `"exact"` or `"ivf"`, how the candidate pairs were searched.
+    candidate_recall: recall of the candidate search against brute force on a sample (1.0 when
+      exact; NaN when not measured or when the sample held no pair).
+    seconds: wall time.
+  """
+
+  high_value: int
+  strengthened: np.ndarray
+  cosine: np.ndarray
+  updated: np.ndarray
+  inserted: np.ndarray
+  rejected: np.ndarray
+  displaced: np.ndarray
+  decayed: np.ndarray
+  method: str
+  candidate_recall: float
+  seconds: float
+
+
+class CompressionReport(NamedTuple):
+  """What Loop C's compression did (host NumPy values; ids are graph slots).
+
+  Attributes:
+    initial_nodes: live nodes before.
+    initial_edges: edges before.
+    final_nodes: live nodes after.
+    final_edges: edges after.
+    ratio: `initial_nodes / final_nodes` (seed's compression ratio; 1.0 for an empty graph).
+    merged: i32[m, 2] `(removed, survivor)`: each removed node and the node it was merged into.
+    absorbed: i32[a, 2] edges `(src, dst)` between nodes merged into the same survivor (they would
+      have become self-loops).
+    dropped: i32[d, 2] rewired edges `(survivor src, survivor dst)` lost because the united row had
+      more than K edges (the K strongest are kept), and edges they displaced.
+    pruned: i32[p, 2] edges `(src, dst)` removed for a weight below `prune_threshold`.
+    candidate_pairs: near-duplicate pairs the first search found.
+    rounds: merge rounds (a merged embedding can come within the threshold of another node; rounds
+      repeat until no pair is left).
+    method: `"exact"` or `"ivf"`, how the searches ran (later rounds re-check the survivors
+      against the same inverted file).
+    candidate_recall: recall of the first search against brute force on a sample (1.0 when exact;
+      NaN when not measured or when the sample held no pair).
+    seconds: wall time.
+  """
+
+  initial_nodes: int
+  initial_edges: int
+  final_nodes: int
+  final_edges: int
+  ratio: float
+  merged: np.ndarray
+  absorbed: np.ndarray
+  dropped: np.ndarray
+  pruned: np.ndarray
+  candidate_pairs: int
+  rounds: int
+  method: str
+  candidate_recall: float
+  seconds: float
+
+
+class DeepReport(NamedTuple):
+  """What a Loop C cycle did: each phase's report and wall times.
+
+  Attributes:
+    consolidation: `ConsolidationReport`.
+    abstraction: `concepts.AbstractionReport`.
+    dreams: `concepts.DreamReport`.
+    transfer: `concepts.TransferReport`.
+    compression: `CompressionReport`.
+    phi: `phi.PhiReport`.
+    seconds: wall time per phase (`consolidation`, `abstraction`, `dreams`, `transfer`,
+      `compression`, `phi`) and `total`.
+  """
+
+  consolidation: ConsolidationReport
+  abstraction: Any
+  dreams: Any
+  transfer: Any
+  compression: CompressionReport
+  phi: Any
+  seconds: dict[str, float]
+
+
+def _candidates(emb, mask, threshold, cfg: SonaConfig, key, *, exact_max, measure_recall):
+  """Pairs of masked rows at cosine >= threshold: `(i, j, cos, method, recall, index)`.
+
+  Exact up to `exact_max` rows (`index` None), else through an inverted file (`index` returned for
+  later searches).
+  """
+  n = int(np.count_nonzero(mask))
+  if n <= exact_max:
+    i, j, c = ivf.brute_force_pairs(emb, mask, threshold)
+    return i, j, c, "exact", 1.0, None
+  k_ivf, k_recall = jax.random.split(key)
+  index = ivf.build_index(emb, mask, cells=cfg.ivf_cells, probe=cfg.ivf_probe, key=k_ivf)
+  i, j, c = ivf.index_pairs(index, threshold)
+  recall = float("nan")
+  if measure_recall:
+    recall = ivf.pair_recall((i, j), emb, mask, threshold, key=k_recall)
+  return i, j, c, "ivf", recall, index
+
+
+def consolidate_memories(
+  graph: Graph,
+  cfg: SonaConfig,
+  now,
+  *,
+  key=None,
+  measure_recall: bool = False,
+  exact_max: int = EXACT_MAX,
+):
+  """Loop C phase 1: strengthen edges between high-value memories, decay low-value old ones.
+
+  Seed section 4, `consolidate_memories`. A node is high-value when `access >
+  cfg.consolidate_min_access` and `quality > cfg.consolidate_min_quality`; every pair of high-value
+  nodes with cosine `> cfg.consolidate_min_cosine` gets `cfg.consolidate_rate * cos` added to its
+  edge in both directions (`graph.add_edges(..., kind=CONSOLIDATED, mode="add")`: an existing edge
+  keeps its kind, a missing one is inserted as `CONSOLIDATED` if its row has room or a weaker
+  edge). A node is low-value when `access < cfg.decay_max_access` and `now - created >
+  cfg.decay_min_age_days` days; its strength is multiplied by `cfg.decay_factor`.
+
+  Args:
+    graph: the memory graph.
+    cfg: the config.
+    now: int seconds since the time origin.
+    key: PRNG key of the inverted-file search (used only above `exact_max` high-value nodes;
+      None = `jax.random.key(0)`).
+    measure_recall: measure the inverted file's recall on a sample (when it is used).
+    exact_max: search pairs exactly up to this many high-value nodes.
+
+  Returns:
+    `(graph, ConsolidationReport)`.
+  """
+  t0 = time.perf_counter()
+  key = jax.random.key(0) if key is None else key
+  node = np.array(graph.node)
+  alive = node[:, ALIVE] != 0
+  access = node[:, ACCESS].astype(np.int64)
+  quality = node[:, QUALITY].view(np.float32)
+  high = alive & (access > cfg.consolidate_min_access) & (quality > cfg.consolidate_min_quality)
+  i, j, cos, method, recall, _ = _candidates(
+    graph.emb,
+    high,
+    cfg.consolidate_min_cosine,
+    cfg,
+    key,
+    exact_max=exact_max,
+    measure_recall=measure_recall,
+  )
+  strict = cos > np.float32(cfg.consolidate_min_cosine)  # the search is inclusive, the seed is not
+  i, j, cos = i[strict], j[strict], cos[strict]
+  upd = graph_lib.EdgeUpdate(_NO_PAIRS, _NO_PAIRS, _NO_PAIRS, _NO_PAIRS)
+  if i.size:
+    w = (np.float32(cfg.consolidate_rate) * cos).astype(np.float32)
+    graph, upd = graph_lib.add_edges(
+      graph,
+      np.concatenate([i, j]),
+      np.concatenate([j, i]),
+      np.concatenate([w, w]),
+      CONSOLIDATED,
+      mode="add",
+    )
+  age = np.int64(now) - node[:, CREATED].astype(np.int64)
+  low = alive & (access < cfg.decay_max_access) & (age > cfg.decay_min_age_days * _DAY_S)
+  decayed = np.flatnonzero(low).astype(np.int32)
+  if decayed.size:
+    strength = node[:, STRENGTH].view(np.float32)
+    strength[low] = strength[low] * np.float32(cfg.decay_factor)
+    graph = graph._replace(node=jnp.asarray(node))
+  report = ConsolidationReport(
+    high_value=int(np.count_nonzero(high)),
+    strengthened=_pairs_array(i, j),
+    cosine=cos.astype(np.float32),
+    updated=upd.updated,
+    inserted=upd.inserted,
+    rejected=upd.rejected,
+    displaced=upd.displaced,
+    decayed=decayed,
+    method=method,
+    candidate_recall=recall,
+    seconds=time.perf_counter() - t0,
+  )
+  return graph, report
+
+
+def _edge_count(edges: np.ndarray, k: int) -> int:
+  return int(np.count_nonzero(edges[:, :k] >= 0))
+
+
+def _groups(i: np.ndarray, j: np.ndarray, n: int, access: np.ndarray):
+  """Connected components of the pair graph and their survivors.
+
+  Returns `(members i64[m], survivor i64[m])`: every node of a component of >= 2 nodes and the
+  survivor of its component, the member with the most accesses (ties: the lowest id).
+  """
+  adj = coo_matrix((np.ones(i.size, np.int8), (i, j)), shape=(n, n))
+  _, label = connected_components(adj, directed=False)
+  members = np.unique(np.concatenate([i, j])).astype(np.int64)
+  comp = label[members]
+  # Within each component, order by (-access, id): the first is the survivor.
+  order = np.lexsort((members, -access[members], comp))
+  members, comp = members[order], comp[order]
+  first = np.ones(members.size, bool)
+  first[1:] = comp[1:] != comp[:-1]
+  head = np.flatnonzero(first)
+  survivor = members[head][np.cumsum(first) - 1]
+  return members, survivor
+
+
+def _merge_round(emb, edges, node, members, survivor, k):
+  """Merges each member into its survivor in place.
+
+  Returns `(merged, absorbed, proposals, rep)`: `(removed, survivor)` pairs, the edges inside
+  groups, the rewired edges `(src, dst, w, kind)` to add back, and each node's representative
+  `i64[N]`.
+  """
+  # Statistics, per survivor, over its group (survivor included), groups laid out contiguously.
+  order = np.argsort(survivor, kind="stable")
+  members, survivor = members[order], survivor[order]
+  start = np.flatnonzero(np.concatenate([[True], survivor[1:] != survivor[:-1]]))
+  heads = survivor[start]
+  access = node[members, ACCESS].astype(np.int64)
+  weight = np.maximum(access, 1).astype(np.float64)
+  wsum = np.add.reduceat(weight, start)
+  e = np.add.reduceat(weight[:, None] * emb[members].astype(np.float64), start)
+  e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+  q = node[members, QUALITY].view(np.float32).astype(np.float64)
+  quality = (np.add.reduceat(weight * q, start) / wsum).astype(np.float32)
+  strength = np.maximum.reduceat(node[members, STRENGTH].view(np.float32), start)
+  emb[heads] = e.astype(np.float32)
+  node[heads, ACCESS] = np.minimum(np.add.reduceat(access, start), _I32_MAX).astype(np.int32)
+  node[heads, CREATED] = np.minimum.reduceat(node[members, CREATED], start)
+  node[heads, LAST_ACCESS] = np.maximum.reduceat(node[members, LAST_ACCESS], start)
+  node[heads, QUALITY] = quality.view(np.int32)
+  node[heads, STRENGTH] = strength.astype(np.float32).view(np.int32)
+  # Rewiring: every edge with a removed end moves to the survivors (`rep`); edges inside a group
+  # would be self-loops and are absorbed. The moved edges are cleared here and re-added by the
+  # caller through `add_edges` (mode "max", kinds kept).
+  gone = members != survivor
+  removed, into = members[gone], survivor[gone]
+  n = node.shape[0]
+  rep = np.arange(n, dtype=np.int64)
+  rep[removed] = into
+  is_removed = np.zeros(n, bool)
+  is_removed[removed] = True
+  nbr = edges[:, :k]
+  w = edges[:, k : 2 * k].view(np.float32)
+  kind = edges[:, 2 * k :]
+  rows, slots = np.nonzero(nbr >= 0)
+  dst = nbr[rows, slots].astype(np.int64)
+  hit = is_removed[rows] | is_removed[dst]
+  rows, slots, dst = rows[hit], slots[hit], dst[hit]
+  pw, pk = w[rows, slots].copy(), kind[rows, slots].copy()
+  nbr[rows, slots] = -1
+  w[rows, slots] = 0.0
+  kind[rows, slots] = 0
+  node[removed, ALIVE] = 0
+  ru, rv = rep[rows], rep[dst]
+  internal = ru == rv
+  absorbed = _pairs_array(rows[internal], dst[internal])
+  keep = ~internal
+  proposals = (ru[keep], rv[keep], pw[keep], pk[keep])
+  return _pairs_array(removed, into), absorbed, proposals, rep
+
+
+def _recheck(emb, alive, heads, threshold, index):
+  """Pairs `(i, j)` of moved survivors `heads` with live nodes at cosine >= threshold."""
+  if index is None:
+    r, c, _ = ivf.query_pairs(emb, alive, heads, threshold)
+  else:
+    # The index holds the embeddings from before the merge: recompute the cosines of what it
+    # returns, and drop nodes merged away since.
+    qi, c, _ = ivf.index_query(index, emb[heads], threshold)
+    r = heads[qi]
+    keep = alive[c] & (r != c)
+    r, c = r[keep], c[keep]
+    cos = np.einsum("ij,ij->i", emb[r], emb[c])
+    keep = cos >= np.float32(threshold)
+    r, c = r[keep], c[keep]
+  return np.minimum(r, c), np.maximum(r, c)
+
+
+def compress_memory(
+  graph: Graph,
+  cfg: SonaConfig,
+  *,
+  key,
+  measure_recall: bool = True,
+  exact_max: int = EXACT_MAX,
+):
+  """Loop C phase 5: merge near-duplicate memories, then prune weak edges.
+
+  Seed section 4, `compress_memory`. Near-duplicates are live pairs with cosine `>=
+  cfg.dedup_threshold`. Groups are the connected components of that pair graph (so `a ~ b ~ c` is
+  one group even when `a` and `c` are further apart: single linkage, every member within the
+  threshold of another), each merged into one survivor, the member with the most accesses (ties:
+  the lowest id): accesses summed, embedding the access-weighted mean (weights `max(access, 1)`)
+  re-normalised, quality access-weighted, `created` the minimum, `last_access` and `strength` the
+  maximum; the survivor's domain and generation stay. Edges are rewired: every edge of a removed
+  node, in or out, moves to its survivor (`graph.add_edges`, mode `"max"`, kinds kept; duplicates
+  collapse to the strongest; edges inside a group are absorbed; a united row keeps its K strongest
+  edges and reports the rest as dropped). A removed node is dead with no edge in or out, as after
+  `graph.remove_node`. Since a merged embedding can come within the threshold of another node,
+  the survivors are checked again (exactly, or against the same inverted file) and rounds repeat
+  until no pair is left; then edges with weight below `cfg.prune_threshold` are pruned.
+
+  Running it twice changes nothing the second time when the search is exact (up to `exact_max`
+  live nodes); above, a pair the inverted file missed (see `candidate_recall`) can still be found
+  by a later run.
+
+  Args:
+    graph: the memory graph.
+    cfg: the config.
+    key: PRNG key of the inverted-file search and of the recall sample.
+    measure_recall: measure the inverted file's recall against brute force on 1,000 sampled rows.
+    exact_max: search pairs exactly up to this many live nodes.
+
+  Returns:
+    `(graph, CompressionReport)`.
+  """
+  t0 = time.perf_counter()
+  k = graph.degree
+  emb = np.array(graph.emb)
+  edges = np.array(graph.edges)
+  node = np.array(graph.node)
+  alive = node[:, ALIVE] != 0
+  n = alive.size
+  initial_nodes, initial_edges = int(np.count_nonzero(alive)), _edge_count(edges, k)
+  thr = cfg.dedup_threshold
+  i, j, _, method, recall, index = _candidates(
+    emb, alive, thr, cfg, key, exact_max=exact_max, measure_recall=measure_recall
+  )
+  n_candidates = int(i.size)
+  final_rep = np.arange(n, dtype=np.int64)
+  absorbed, dropped = [], []
+  rounds = 0
+  changed = False
+  while i.size:
+    rounds += 1
+    changed = True
+    access = node[:, ACCESS].astype(np.int64)
+    members, survivor = _groups(i, j, n, access)
+    _, round_absorbed, (pu, pv, pw, pk), rep = _merge_round(emb, edges, node, members, survivor, k)
+    final_rep = rep[final_rep]
+    g = Graph(emb=jnp.asarray(emb), edges=jnp.asarray(edges), node=jnp.asarray(node))
+    g, upd = graph_lib.add_edges(g, pu, pv, pw, pk, mode="max")
+    edges = np.array(g.edges)
+    absorbed.append(round_absorbed)
+    dropped += [upd.rejected, upd.displaced]
+    alive = node[:, ALIVE] != 0
+    # Survivors moved: check them again (exactly, or through the same inverted file).
+    i, j = _recheck(emb, alive, np.unique(survivor), thr, index)
+  removed = np.flatnonzero(final_rep != np.arange(n))
+  merged = _pairs_array(removed, final_rep[removed])
+  # Prune weak edges.
+  nbr = edges[:, :k]
+  w = edges[:, k : 2 * k].view(np.float32)
+  rows, slots = np.nonzero((nbr >= 0) & (w < np.float32(cfg.prune_threshold)))
+  pruned = _pairs_array(rows, nbr[rows, slots])
+  if rows.size:
+    changed = True
+    nbr[rows, slots] = -1
+    w[rows, slots] = 0.0
+    edges[:, 2 * k :][rows, slots] = 0
+  if changed:
+    graph = Graph(emb=jnp.asarray(emb), edges=jnp.asarray(edges), node=jnp.asarray(node))
+  final_nodes = int(np.count_nonzero(node[:, ALIVE] != 0))
+  cat = lambda xs: np.concatenate(xs).astype(np.int32) if xs else _NO_PAIRS
+  report = CompressionReport(
+    initial_nodes=initial_nodes,
+    initial_edges=initial_edges,
+    final_nodes=final_nodes,
+    final_edges=_edge_count(edges, k),
+    ratio=initial_nodes / final_nodes if final_nodes else 1.0,
+    merged=merged,
+    absorbed=cat(absorbed),
+    dropped=cat(dropped),
+    pruned=pruned,
+    candidate_pairs=n_candidates,
+    rounds=rounds,
+    method=method,
+    candidate_recall=recall,
+    seconds=time.perf_counter() - t0,
+  )
+  return graph, report
+
+
+def deep_step(state: SonaState, cfg: SonaConfig, now, *, measure_recall: bool = True):
+  """Loop C: one weekly deep cycle (see the module docstring).
+
+  Args:
+    state: the learner's state (not donated: the driver may still serve from it).
+    cfg: the config.
+    now: int seconds since the time origin.
+    measure_recall: measure the recall of the approximate pair searches against brute force on a
+      sample (about a second at 100,000 nodes).
+
+  Returns:
+    `(state, DeepReport)`: the state with a new graph, bank and key.
+  """
+  seconds: dict[str, float] = {}
+  t_start = t = time.perf_counter()
+
+  def lap(name):
+    nonlocal t
+    now_t = time.perf_counter()
+    seconds[name] = now_t - t
+    t = now_t
+
+  key = jax.random.wrap_key_data(state.key)
+  key, k_cons, k_dream, k_comp = jax.random.split(key, 4)
+  now = int(now)
+
+  graph, consolidation = consolidate_memories(
+    state.graph, cfg, now, key=k_cons, measure_recall=measure_recall
+  )
+  lap("consolidation")
+  bank, abstraction = concepts.abstract_patterns(state.bank, cfg, now)
+  lap("abstraction")
+  graph, dreams = concepts.dream(graph, cfg, k_dream)
+  lap("dreams")
+  graph, transfer = concepts.transfer(graph, cfg)
+  lap("transfer")
+  graph, compression = compress_memory(graph, cfg, key=k_comp, measure_recall=measure_recall)
+  lap("compression")
+  phi_report = phi.graph_phi(graph, cfg)
+  lap("phi")
+  # What the cycle created goes into today's metrics bins (ImprovementMetrics).
+  daily = state.metrics.daily
+  for column, value in (
+    (metrics.ABSTRACTIONS, len(abstraction.meta_ids)),
+    (metrics.NOVEL, len(dreams.edges.inserted)),
+    (metrics.TRANSFERS, len(transfer.edges.inserted)),
+    (metrics.PHI, phi_report.phi),
+  ):
+    daily = metrics.record_event(daily, now, column, value)
+  seconds["total"] = time.perf_counter() - t_start
+  new_state = state._replace(
+    graph=graph,
+    bank=bank,
+    key=jax.random.key_data(key),
+    metrics=state.metrics._replace(daily=daily),
+  )
+  report = DeepReport(
+    consolidation=consolidation,
+    abstraction=abstraction,
+    dreams=dreams,
+    transfer=transfer,
+    compression=compression,
+    phi=phi_report,
+    seconds=seconds,
+  )
+  return new_state, report
