@@ -239,6 +239,12 @@ def run_week(
     if out["deep"] is not None:
       deep_hours.append(t / 3600.0)
       deep_reports.append(out["deep"])
+      # Loop C merged near-duplicate memories: retrieve from the graph's surviving nodes (with
+      # their merged embeddings) from now on, as a serving system keyed on node ids would.
+      g = engine.state.graph
+      keep = np.asarray(g.alive)[ids]
+      ids, labels = ids[keep], labels[keep]
+      memories = np.asarray(g.emb)[ids]
     if pool_left and i % per_growth == per_growth - 1:  # new knowledge arrives
       p = pool_left.pop()
       emb = task.clean_queries[p] / np.linalg.norm(task.clean_queries[p])

@@ -26,6 +26,8 @@ def test_week_demo_writes_report_plots_and_checkpoint_and_shows_learning(tmp_pat
   days = report["per_day"]
   assert [d["day"] for d in days] == list(range(1, 8))
   assert sum(d["requests"] for d in days) == 1400 == report["stats"]["requests"]["processed"]
+  assert report["stats"]["requests"]["rejected"] == 0  # retrieval follows Loop C's merges
+  assert report["improvement"]["phi_current"] is not None  # Loop C measured the proxy
   first, last = days[0], days[-1]
   # The numbers come from the run: the day rows agree with the hourly series they summarise.
   hourly = report["hourly"]
