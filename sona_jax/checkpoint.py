@@ -288,6 +288,17 @@ class Checkpointer:
       raise _Damaged(f"metadata must be a dict with keys {list(_METADATA_KEYS)}")
     if metadata["step"] != step:
       raise _Damaged(f"metadata says step {metadata['step']!r}")
+    origin = metadata["time_origin"]
+    if (
+      isinstance(origin, bool)
+      or not isinstance(origin, (int, float))
+      or not (math.isfinite(origin) and abs(origin) < 1e12)
+    ):
+      raise _Damaged(f"metadata time_origin {origin!r} is not a finite Unix time")
+    if not isinstance(metadata["version"], str):
+      raise _Damaged(f"metadata version {metadata['version']!r} is not a string")
+    if metadata.get("extra") is not None and not isinstance(metadata["extra"], dict):
+      raise _Damaged(f"metadata extra must be a dict, got {type(metadata['extra']).__name__}")
     try:
       saved_cfg = SonaConfig.from_dict(metadata["config"])
     except (TypeError, ValueError) as e:

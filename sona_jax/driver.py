@@ -8,10 +8,13 @@ patterns and checkpoints arrive with their loops.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
+import math
 import threading
 import time as _time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -133,6 +136,28 @@ def route(state: SonaState, query, cfg: SonaConfig, key, *, context_tokens=0, la
 
 
 _NAMES = {"background": "B", "deep": "C"}
+_STARTED: weakref.WeakSet = weakref.WeakSet()  # drivers whose schedule thread may be running
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+  """Lets running cycles finish before the interpreter exits: a daemon thread killed inside XLA
+  aborts the process, and a half-written checkpoint would be left behind."""
+  for engine in list(_STARTED):
+    try:
+      engine.stop(timeout=120)
+    except Exception:  # exiting anyway
+      _log.exception("sona_jax: stopping a driver at exit failed")
+
+
+def _finite_time(extra: dict, name: str, default: float) -> float:
+  """A schedule time from checkpoint metadata, checked (a NaN would stop the schedule for good)."""
+  v = extra.get(name, default)
+  if (
+    isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > 1e12
+  ):
+    raise ValueError(f"Sona.restore: metadata {name}={v!r}; expected a finite Unix time")
+  return float(v)
 
 
 def _log_report(loop: str, report) -> None:
@@ -220,6 +245,7 @@ class Sona:
     self._lock = threading.RLock()
     self._journal: list | None = None  # transitions made while a background cycle runs
     self._worker: threading.Thread | None = None
+    self._cycle_threads: list[threading.Thread] = []  # begin_background / begin_deep threads
     self._stop = threading.Event()
     self._route_key = jax.random.fold_in(key, 1)
     self._route_count = 0
@@ -554,11 +580,21 @@ class Sona:
     engine._state = state
     engine.time_origin = float(meta["time_origin"])
     extra = meta.get("extra") or {}
-    engine.last_background = float(extra.get("last_background", engine.time_origin))
-    engine.last_deep = float(extra.get("last_deep", engine.time_origin))
+    engine.last_background = _finite_time(extra, "last_background", engine.time_origin)
+    engine.last_deep = _finite_time(extra, "last_deep", engine.time_origin)
     if "route_key" in extra:
-      engine._route_key = jax.random.wrap_key_data(np.asarray(extra["route_key"], np.uint32))
-      engine._route_count = int(extra.get("route_count", 0))
+      key = extra["route_key"]
+      if not (
+        isinstance(key, list)
+        and len(key) == 2
+        and all(type(v) is int and 0 <= v < 2**32 for v in key)
+      ):
+        raise ValueError(f"Sona.restore: metadata route_key={key!r}; expected 2 uint32 ints")
+      count = extra.get("route_count", 0)
+      if type(count) is not int or count < 0:
+        raise ValueError(f"Sona.restore: metadata route_count={count!r}; expected an int >= 0")
+      engine._route_key = jax.random.wrap_key_data(np.asarray(key, np.uint32))
+      engine._route_count = count
     return engine
 
   def begin_background(self, *, force: bool = True, now: float | None = None):
@@ -606,7 +642,10 @@ class Sona:
       self.last_deep = now
     self.history.append((loop, now))
     if self._checkpointer is not None:
-      self.save()
+      try:
+        self.save()
+      except Exception:  # the cycle stays applied; the next cycle's checkpoint retries
+        _log.exception("sona_jax: checkpoint after Loop %s failed; serving goes on", _NAMES[loop])
 
   def _begin_cycle(self, loop: str, now: float | None, *, force: bool = False):
     import concurrent.futures
@@ -628,19 +667,29 @@ class Sona:
         _log.exception("sona_jax: Loop %s failed; the live state is unchanged", _NAMES[loop])
         future.set_exception(e)
         return
-      with self._lock:
-        if ran:
-          state = new_state
-          for op in self._journal:
-            state, _ = op(state)
-          self._state = state
-        self._journal = None
-        if ran:
-          self._finish_cycle(loop, now, report)
-      _log_report(loop, report)
+      try:
+        with self._lock:
+          if ran:
+            state = new_state
+            for op in self._journal:
+              state, _ = op(state)
+            self._state = state
+          self._journal = None
+          if ran:
+            self._finish_cycle(loop, now, report)
+        _log_report(loop, report)
+      except BaseException as e:  # never leave the schedule waiting on an unresolved future
+        with self._lock:
+          self._journal = None
+        _log.exception("sona_jax: Loop %s bookkeeping failed", _NAMES[loop])
+        future.set_exception(e)
+        return
       future.set_result(report)
 
-    threading.Thread(target=work, name=f"sona-loop-{_NAMES[loop]}", daemon=True).start()
+    thread = threading.Thread(target=work, name=f"sona-loop-{_NAMES[loop]}", daemon=True)
+    self._cycle_threads = [t for t in self._cycle_threads if t.is_alive()] + [thread]
+    _STARTED.add(self)
+    thread.start()
     return future
 
   def start(self, *, poll_s: float = 1.0) -> None:
@@ -668,11 +717,25 @@ class Sona:
 
     self._worker = threading.Thread(target=loop, name="sona-schedule", daemon=True)
     self._worker.start()
+    _STARTED.add(self)
 
   def stop(self, timeout: float | None = None) -> None:
-    """Stops the schedule thread (a running cycle finishes first) and waits for checkpoints."""
+    """Stops the schedule thread (a running cycle finishes first) and waits for checkpoints.
+
+    With a `timeout` that runs out while a cycle is still running, it logs a warning and returns;
+    the cycle finishes on its own (and at interpreter exit, the driver waits for it).
+    """
     self._stop.set()
+    deadline = None if timeout is None else _time.monotonic() + timeout
+    left = lambda: None if deadline is None else max(0.0, deadline - _time.monotonic())  # noqa: E731
     if self._worker is not None:
-      self._worker.join(timeout)
-      self._worker = None
+      self._worker.join(left())
+      if not self._worker.is_alive():
+        self._worker = None
+    for t in list(self._cycle_threads):
+      t.join(left())
+    self._cycle_threads = [t for t in self._cycle_threads if t.is_alive()]
+    if self._worker is not None or self._cycle_threads:
+      _log.warning("sona_jax: stop timed out with a cycle still running; it will finish")
+      return
     self.wait_checkpoints()

@@ -191,7 +191,8 @@ def check_interaction(interaction: Interaction, cfg: SonaConfig, *, batched: boo
     got = np.shape(value)
     if got != shape:
       raise ValueError(f"Interaction.{name} has shape {got}; expected {shape} for {cfg.dim=}")
-    dtype = np.result_type(value) if not hasattr(value, "dtype") else np.dtype(value.dtype)
+    # np.result_type would read a list as a structured dtype and a string as a dtype name.
+    dtype = np.dtype(value.dtype) if hasattr(value, "dtype") else np.asarray(value).dtype
     if dtype.kind not in kinds:
       raise ValueError(
         f"Interaction.{name} has dtype {dtype}; expected "
@@ -243,8 +244,13 @@ def _pack_one(i: Interaction) -> np.ndarray:
 
 
 def _pack_numpy(interaction: Interaction, cfg: SonaConfig, batch: tuple[int, ...]) -> np.ndarray:
-  d, k = cfg.dim, cfg.max_ids
   out = np.empty(batch + (packed_width(cfg),), np.float32)
+  with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf (rejected)
+    return _pack_numpy_into(out, interaction, cfg)
+
+
+def _pack_numpy_into(out: np.ndarray, interaction: Interaction, cfg: SonaConfig) -> np.ndarray:
+  d, k = cfg.dim, cfg.max_ids
   iv = out.view(np.int32)
   s0 = _scalar_offset(cfg)
   out[..., :d] = interaction.query
@@ -390,13 +396,24 @@ def _int(name: str, value) -> int:
   return v
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 def _float(name: str, value) -> float:
+  """A Python float of `value`; beyond float32's range it becomes +-inf (Loop A then rejects it)."""
   if type(value) is float or type(value) is int:
-    return float(value)
-  if isinstance(value, (np.floating, np.integer, np.ndarray, jax.Array)) and np.ndim(value) == 0:
-    if np.asarray(value).dtype.kind in "fiu":
-      return float(value)
-  raise ValueError(f"make_interaction: {name} must be a number, got {value!r}")
+    v = float(value)
+  elif (
+    isinstance(value, (np.floating, np.integer, np.ndarray, jax.Array))
+    and np.ndim(value) == 0
+    and np.asarray(value).dtype.kind in "fiu"
+  ):
+    v = float(value)
+  else:
+    raise ValueError(f"make_interaction: {name} must be a number, got {value!r}")
+  if abs(v) > _F32_MAX:  # also true for +-inf; NaN stays NaN
+    return math.copysign(math.inf, v)
+  return v
 
 
 def make_interaction(
@@ -454,7 +471,11 @@ def make_interaction(
     raise ValueError(f"make_interaction: query must be numeric, got dtype {q.dtype}")
   if q.shape != (d,):
     raise ValueError(f"make_interaction: query has shape {q.shape}; expected ({d},)")
-  buf[:d] = q
+  if q.dtype.itemsize > 4:  # float64 beyond float32's range becomes inf (rejected), silently
+    with np.errstate(over="ignore"):
+      buf[:d] = q
+  else:
+    buf[:d] = q
   if grad is None:
     buf[s0 + N_SCALARS :] = 0.0
   else:
@@ -463,7 +484,8 @@ def make_interaction(
       raise ValueError(f"make_interaction: grad must be numeric, got dtype {g.dtype}")
     if g.shape != (d,):
       raise ValueError(f"make_interaction: grad has shape {g.shape}; expected ({d},)")
-    buf[s0 + N_SCALARS :] = g
+    with np.errstate(over="ignore"):
+      buf[s0 + N_SCALARS :] = g
   _ids_into(ibuf[d : d + k], "used", used, k)
   _ids_into(ibuf[d + k : s0], "unused", unused, k)
   if target_latency_ms is None:

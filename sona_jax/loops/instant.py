@@ -68,7 +68,7 @@ __all__ = [
 BAD_QUERY = 1 << 0  # non-finite query
 BAD_QUALITY = 1 << 1  # quality non-finite or outside [0, 1]
 BAD_FEEDBACK = 1 << 2  # feedback neither NaN nor in [0, 1]
-BAD_LATENCY = 1 << 3  # latency non-finite or < 0, or target non-finite or <= 0
+BAD_LATENCY = 1 << 3  # latency non-finite or < 0, target non-finite or <= 0, or ratio overflows
 BAD_TIER = 1 << 4  # tier outside [0, n_tiers)
 BAD_CONTEXT = 1 << 5  # context_tokens < 0
 BAD_TIME = 1 << 6  # time < 0
@@ -187,7 +187,14 @@ def _validate(node_tab, edges, packed, cfg: SonaConfig):
   scalar_checks = [
     (BAD_QUALITY, jnp.isfinite(q) & (q >= 0.0) & (q <= 1.0)),
     (BAD_FEEDBACK, ~fb_given | (jnp.isfinite(fb) & (fb >= 0.0) & (fb <= 1.0))),
-    (BAD_LATENCY, jnp.isfinite(lat) & (lat >= 0.0) & jnp.isfinite(target) & (target > 0.0)),
+    (
+      BAD_LATENCY,
+      jnp.isfinite(lat)
+      & (lat >= 0.0)
+      & jnp.isfinite(target)
+      & (target > 0.0)
+      & jnp.isfinite(lat / target),
+    ),
     (BAD_TIER, (it.tier >= 0) & (it.tier < cfg.n_tiers)),
     (BAD_CONTEXT, it.context_tokens >= 0),
     (BAD_TIME, it.time >= 0),
