@@ -31,13 +31,21 @@ from sona_jax.types import stack_interactions as stack_interactions
 
 __version__ = "0.1.0"
 
-# Loop C pulls in scikit-learn, SciPy and networkx: loaded on first use, not at import.
+# Loaded on first use, not at import (Loop C pulls in scikit-learn, SciPy and networkx).
 _LAZY = {
   "deep_step": ("sona_jax.loops.deep", "deep_step"),
   "DeepReport": ("sona_jax.loops.deep", "DeepReport"),
   "concepts": ("sona_jax.concepts", None),
   "phi": ("sona_jax.phi", None),
   "ivf": ("sona_jax.ivf", None),
+  "tenants": ("sona_jax.tenants", None),
+  "sharding": ("sona_jax.sharding", None),
+  "init_tenants": ("sona_jax.tenants", "init_tenants"),
+  "instant_step_tenants": ("sona_jax.tenants", "instant_step_tenants"),
+  "background_step_tenants": ("sona_jax.tenants", "background_step_tenants"),
+  "background_step_sharded": ("sona_jax.sharding", "background_step_sharded"),
+  "make_mesh": ("sona_jax.sharding", "make_mesh"),
+  "TenantCheckpointer": ("sona_jax.sharding", "TenantCheckpointer"),
 }
 
 
