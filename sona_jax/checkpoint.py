@@ -23,6 +23,7 @@ import warnings
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from sona_jax.config import SonaConfig
@@ -53,6 +54,43 @@ STATE_FIELDS = (
 _STATE = "state"
 _METADATA = "metadata"
 _METADATA_KEYS = ("config", "version", "time_origin", "step", "extra")
+
+
+# Leaves whose float values may legitimately be NaN: packed rows (a signal's "no feedback", the
+# int fields bitcast into them) and the daily bins' "no measurement that day".
+_PACKED = (".signals.data", ".trajectories.data", ".metrics.probe.data", ".metrics.daily.bins")
+
+
+def _value_problems(state: SonaState) -> list[str]:
+  """Values that would make a restored state unsafe or meaningless (host NumPy, after reading).
+
+  Shapes and dtypes are checked before reading; this checks what they cannot: learned floats are
+  finite, graph neighbour ids are in [-1, N), bank parents in [-1, P), and every ring buffer's
+  head and size are within its capacity.
+  """
+  problems = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    name = jax.tree_util.keystr(path)
+    a = np.asarray(leaf)
+    if a.dtype.kind == "f" and name not in _PACKED and not np.all(np.isfinite(a)):
+      problems.append(f"{name} has non-finite values")
+  g = state.graph
+  nbr = np.asarray(g.nbr)
+  if np.any((nbr < -1) | (nbr >= g.capacity)):
+    problems.append(f"graph edges name node ids outside [-1, {g.capacity})")
+  parent = np.asarray(state.bank.parent)
+  if np.any((parent < -1) | (parent >= parent.shape[0])):
+    problems.append(f"bank parents outside [-1, {parent.shape[0]})")
+  for name, buf in (
+    ("signals", state.signals),
+    ("trajectories", state.trajectories),
+    ("metrics.probe", state.metrics.probe),
+  ):
+    meta = np.asarray(buf.meta)
+    cap = jax.tree.leaves(buf.data)[0].shape[0]
+    if not (0 <= meta[0] < cap and 0 <= meta[1] <= cap):
+      problems.append(f"{name} ring buffer head/size {meta[:2].tolist()} outside capacity {cap}")
+  return problems
 
 
 class _Damaged(Exception):
@@ -344,6 +382,12 @@ class Checkpointer:
     problems = _spec_mismatches(_leaf_specs(state), expected)
     if problems:
       raise _Damaged("restored arrays do not match: " + "; ".join(problems[:10]))
+    problems = _value_problems(state)
+    if problems:
+      raise ValueError(
+        f"Checkpointer.restore: checkpoint step {step} holds values no sona_jax state can have: "
+        + "; ".join(problems[:10])
+      )
     return state, (saved_cfg if cfg is None else cfg), metadata
 
   def close(self) -> None:

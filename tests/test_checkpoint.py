@@ -39,7 +39,26 @@ def _trained_state(seed: int = 0, steps: int = 3) -> sona.SonaState:
     return x + jnp.asarray(i + 1, x.dtype)
 
   leaves, treedef = jax.tree.flatten(state)
-  return jax.tree.unflatten(treedef, [shift(i, x) for i, x in enumerate(leaves)])
+  state = jax.tree.unflatten(treedef, [shift(i, x) for i, x in enumerate(leaves)])
+  # Keep the shifted ids and ring counters in their ranges: restore refuses values no state can
+  # have (an edge to a node past the graph, a ring head past its capacity).
+  g = state.graph
+  k = g.degree
+  nbr = (g.edges[:, :k] + 1) % g.capacity - 1
+  bank = state.bank._replace(parent=(state.bank.parent + 1) % state.bank.parent.shape[0] - 1)
+
+  def ring(buf):
+    cap = jax.tree.leaves(buf.data)[0].shape[0]
+    meta = buf.meta.at[0].set(buf.meta[0] % cap).at[1].set(jnp.minimum(buf.meta[1], cap))
+    return buf._replace(meta=meta)
+
+  return state._replace(
+    graph=g._replace(edges=g.edges.at[:, :k].set(nbr)),
+    bank=bank,
+    signals=ring(state.signals),
+    trajectories=ring(state.trajectories),
+    metrics=state.metrics._replace(probe=ring(state.metrics.probe)),
+  )
 
 
 def _assert_bit_identical(a, b):
