@@ -10,18 +10,15 @@ Run: `python examples/routing.py [--requests N]`. Uses scikit-learn's load_digit
 """
 
 import argparse
-import warnings
 
 import jax
 import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA
-from sklearn.linear_model import LogisticRegression
-from sklearn.neighbors import NearestCentroid
 from sklearn.preprocessing import StandardScaler
-from sklearn.svm import SVC
 
 import sona_jax as sona
+from sona_jax import datasets
 
 
 def tiers_on_digits(seed: int = 0):
@@ -31,17 +28,10 @@ def tiers_on_digits(seed: int = 0):
   perm = np.random.default_rng(seed).permutation(len(x))
   fit, stream, held = perm[:500], perm[500:1400], perm[1400:]
   z = StandardScaler().fit(x[fit]).transform(x)
-  with warnings.catch_warnings():  # NearestCentroid warns about the digits' constant pixels
-    warnings.simplefilter("ignore", UserWarning)
-    tiers = [
-      NearestCentroid().fit(z[fit], y[fit]),
-      LogisticRegression(max_iter=300, C=0.05).fit(z[fit], y[fit]),
-      SVC(C=3.0, gamma="scale").fit(z[fit], y[fit]),
-    ]
-  correct = np.stack([t.predict(z) == y for t in tiers], axis=1)
+  correct = datasets.digits_tiers(fit)
   emb = PCA(32, random_state=0).fit(z[fit]).transform(z).astype(np.float32)
   emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-  return emb, correct, stream, held, (1.0, 3.0, 10.0)
+  return emb, correct, stream, held, datasets.DIGITS_TIER_COSTS
 
 
 def main(requests: int = 2700) -> dict:

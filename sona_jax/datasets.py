@@ -23,6 +23,9 @@ __all__ = [
   "DriftTask",
   "StreamResult",
   "digits_drift",
+  "DIGITS_TIER_NAMES",
+  "DIGITS_TIER_COSTS",
+  "digits_tiers",
   "top_k_cosine",
   "precision_at_k",
   "retrieval_interaction",
@@ -98,6 +101,43 @@ def digits_drift(
     memory_index=mem_idx.astype(np.int32),
     query_index=q_idx.astype(np.int32),
   )
+
+
+DIGITS_TIER_NAMES = ("nearest centroid", "logistic regression", "RBF SVM")
+DIGITS_TIER_COSTS = (1.0, 3.0, 10.0)
+
+
+def digits_tiers(fit_index) -> np.ndarray:
+  """Three real model tiers of rising cost on `load_digits`, and where each one is right.
+
+  Nearest centroid, logistic regression (C 0.05) and an RBF SVM (C 3), all trained on the
+  standardised pixels of the images `fit_index` (the scaler too); costs `DIGITS_TIER_COSTS`.
+
+  Args:
+    fit_index: indices into `load_digits` of the training images.
+
+  Returns:
+    bool[1797, 3]: whether each tier predicts each image's label.
+  """
+  import warnings
+
+  from sklearn.datasets import load_digits
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.neighbors import NearestCentroid
+  from sklearn.preprocessing import StandardScaler
+  from sklearn.svm import SVC
+
+  x, y = load_digits(return_X_y=True)
+  fit = np.asarray(fit_index)
+  z = StandardScaler().fit(x[fit]).transform(x)
+  with warnings.catch_warnings():  # NearestCentroid warns about the digits' constant pixels
+    warnings.simplefilter("ignore", UserWarning)
+    models = [
+      NearestCentroid().fit(z[fit], y[fit]),
+      LogisticRegression(max_iter=300, C=0.05).fit(z[fit], y[fit]),
+      SVC(C=3.0, gamma="scale").fit(z[fit], y[fit]),
+    ]
+  return np.stack([m.predict(z) == y for m in models], axis=1)
 
 
 def top_k_cosine(queries: np.ndarray, memories: np.ndarray, k: int) -> np.ndarray:

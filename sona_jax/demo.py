@@ -27,7 +27,6 @@ import math
 import os
 import sys
 import time
-import warnings
 
 import numpy as np
 
@@ -35,31 +34,16 @@ __all__ = ["run_week", "WEEK_START"]
 
 # Monday 2026-11-23 00:00 UTC: a week from here contains one Sunday 03:00 UTC (Loop C's slot).
 WEEK_START = dt.datetime(2026, 11, 23, tzinfo=dt.UTC).timestamp()
-TIER_NAMES = ("nearest centroid", "logistic regression", "RBF SVM")
+TIER_NAMES = ("nearest centroid", "logistic regression", "RBF SVM")  # datasets.digits_tiers
 TIER_COSTS = (1.0, 3.0, 10.0)
 TIER_LATENCY_MS = (40.0, 120.0, 400.0)
 
 
 def _tiers(task):
-  """Trains the three tiers on the memory images; returns `bool[n_queries, 3]` correctness."""
-  from sklearn.datasets import load_digits
-  from sklearn.linear_model import LogisticRegression
-  from sklearn.neighbors import NearestCentroid
-  from sklearn.preprocessing import StandardScaler
-  from sklearn.svm import SVC
+  """The three tiers trained on the memory images; `bool[n_queries, 3]` correctness."""
+  from sona_jax import datasets
 
-  x, y = load_digits(return_X_y=True)
-  fit = task.memory_index
-  z = StandardScaler().fit(x[fit]).transform(x)
-  with warnings.catch_warnings():  # NearestCentroid warns about the digits' constant pixels
-    warnings.simplefilter("ignore", UserWarning)
-    models = [
-      NearestCentroid().fit(z[fit], y[fit]),
-      LogisticRegression(max_iter=300, C=0.05).fit(z[fit], y[fit]),
-      SVC(C=3.0, gamma="scale").fit(z[fit], y[fit]),
-    ]
-  q = task.query_index
-  return np.stack([m.predict(z[q]) == y[q] for m in models], axis=1)
+  return datasets.digits_tiers(task.memory_index)[task.query_index]
 
 
 class _Progress:

@@ -2,31 +2,21 @@
 
 import jax
 import numpy as np
-import pytest
 from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA
-from sklearn.linear_model import LogisticRegression
-from sklearn.neighbors import NearestCentroid
 from sklearn.preprocessing import StandardScaler
-from sklearn.svm import SVC
 
 import sona_jax as sona
+from sona_jax import datasets
 
 
-# scikit-learn's NearestCentroid warns about constant pixels of the digits (harmless here).
-@pytest.mark.filterwarnings("ignore:self.within_class_std_dev_:UserWarning")
 def test_learned_routing_keeps_quality_at_a_fraction_of_the_cost():
   x, y = load_digits(return_X_y=True)
   perm = np.random.default_rng(0).permutation(len(x))
   fit, stream, held = perm[:500], perm[500:1400], perm[1400:]
   z = StandardScaler().fit(x[fit]).transform(x)
   # Three real tiers of rising cost: nearest centroid (1), logistic regression (3), RBF SVM (10).
-  tiers = [
-    NearestCentroid().fit(z[fit], y[fit]),
-    LogisticRegression(max_iter=300, C=0.05).fit(z[fit], y[fit]),
-    SVC(C=3.0, gamma="scale").fit(z[fit], y[fit]),
-  ]
-  correct = np.stack([t.predict(z) == y for t in tiers], axis=1)
+  correct = datasets.digits_tiers(fit)
   emb = PCA(32, random_state=0).fit(z[fit]).transform(z).astype(np.float32)
   emb /= np.linalg.norm(emb, axis=1, keepdims=True)
   cfg = sona.SonaConfig(
