@@ -13,6 +13,8 @@ from sona_jax import patterns as patterns
 from sona_jax import router as router
 from sona_jax import types as types
 from sona_jax.config import SonaConfig as SonaConfig
+from sona_jax.driver import Knobs as Knobs
+from sona_jax.driver import MemoryEvent as MemoryEvent
 from sona_jax.driver import Sona as Sona
 from sona_jax.driver import adapt as adapt
 from sona_jax.driver import due as due

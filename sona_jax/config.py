@@ -54,12 +54,17 @@ class SonaConfig:
     tier_costs: relative cost of each tier, cheapest first; length `n_tiers`.
     target_latency_ms: default latency target of `make_interaction`.
     max_ids: fixed length `k` of the `used` / `unused` memory id lists of an interaction.
-    graph_capacity: number of memory nodes `N` (fixed; a full graph evicts the lowest-value node).
+    graph_capacity: number of memory nodes `N` (fixed; a full graph evicts the lowest-value
+      established node, see `admission_window_s`).
     graph_degree: edge slots per node `K` (ELL layout).
     hebbian_strengthen: Hebbian rate for used memories, `w <- w + rate (1 - w)` (seed: +5%).
     hebbian_weaken: Hebbian rate for retrieved-but-unused memories, `w <- w (1 - rate)` (seed: -2%).
     node_quality_ema: weight of a new quality observation in a used node's quality EMA.
     recency_half_life_s: half-life of the recency factor in a node's eviction value.
+    admission_window_s: a full graph never evicts a memory younger than this (seconds since its
+      creation) while an older one is alive, so a new memory can earn accesses before it competes
+      on value (W-TinyLFU's admission window); 0 turns the window off. A day spans 24 Loop B
+      cycles, and is short beside the 7-day recency half-life.
     signal_capacity: capacity of the Loop A -> Loop B signal ring buffer.
     trajectory_capacity: capacity of the trajectory ring buffer (seed: 10,000).
     pattern_clusters: k of the Loop B k-means++ pattern extraction (seed: 50).
@@ -134,6 +139,7 @@ class SonaConfig:
   hebbian_weaken: float = 0.02
   node_quality_ema: float = 0.1
   recency_half_life_s: float = 7 * 86_400.0
+  admission_window_s: int = 86_400
   signal_capacity: int = 10_000
   trajectory_capacity: int = 10_000
   pattern_clusters: int = 50
@@ -216,6 +222,7 @@ class SonaConfig:
     _check_range("hebbian_weaken", self.hebbian_weaken, 0.0, 1.0, integer=False)
     _check_range("node_quality_ema", self.node_quality_ema, 0.0, 1.0, integer=False)
     _check_range("recency_half_life_s", self.recency_half_life_s, 1.0, None, integer=False)
+    _check_range("admission_window_s", self.admission_window_s, 0, None, integer=True)
     _check_range("signal_capacity", self.signal_capacity, 1, 1 << 24, integer=True)
     _check_range("trajectory_capacity", self.trajectory_capacity, 1, 1 << 24, integer=True)
     _check_range("pattern_clusters", self.pattern_clusters, 1, 4096, integer=True)

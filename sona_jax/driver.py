@@ -2,13 +2,17 @@
 
 It holds the config, the current state and a clock, and calls the jitted pure functions. It is the
 only stateful code of the library; everything it does can be done with the pure API directly.
-This version covers Loop A (memories, observations, adaptation); the scheduled Loop B/C, routing,
-patterns and checkpoints arrive with their loops.
+It is safe under concurrent callers (a readers-writer lock, transitions serialised, concurrent
+`observe` calls coalesced into one batched Loop A step), runs Loop B/C on a worker thread over a
+snapshot, checkpoints, and reports memories that leave the graph.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
+import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -27,10 +31,10 @@ from sona_jax import graph as graph_lib
 from sona_jax import metrics as metrics_lib
 from sona_jax.config import SonaConfig
 from sona_jax.loops.background import BackgroundReport, background_step, signal_features
-from sona_jax.loops.instant import InstantReport, instant_scan, instant_step
+from sona_jax.loops.instant import InstantReport, scan_packed, step_packed
 from sona_jax.state import MICRO_UPDATES, PROCESSED, REJECTED, SonaState, init_state, router_apply
 
-__all__ = ["Sona", "Due", "adapt", "route", "due", "last_deep_slot"]
+__all__ = ["Sona", "Knobs", "MemoryEvent", "Due", "adapt", "route", "due", "last_deep_slot"]
 
 _WEEK = 7 * 86_400
 
@@ -93,8 +97,9 @@ def adapt(state: SonaState, x, cfg: SonaConfig) -> jax.Array:
   )
 
 
-@functools.partial(jax.jit, static_argnums=5)
-def _route(state: SonaState, x, context_tokens, latency_ratio, key, cfg: SonaConfig):
+@functools.partial(jax.jit, static_argnums=9)
+def _route(bank, proj, params, x, context_tokens, latency_ratio, key, threshold, epsilon, cfg):
+  # Only the leaves routing reads go in: a jitted call costs 1-3 us per leaf passed.
   sig = types.Signal(
     query=x[None],
     quality=jnp.zeros((1,), jnp.float32),
@@ -106,23 +111,36 @@ def _route(state: SonaState, x, context_tokens, latency_ratio, key, cfg: SonaCon
     time=jnp.zeros((1,), jnp.int32),
     anchor=jnp.full((1,), -1, jnp.int32),
   )
-  feats = signal_features(sig, state.bank, state.router_proj, cfg)[0]  # [1, F]
-  probs = router.predict(state.router.params, router_apply(cfg), feats)
+  feats = signal_features(sig, bank, proj, cfg)[0]  # [1, F]
+  probs = router.predict(params, router_apply(cfg), feats)
   costs = jnp.asarray(cfg.tier_costs, jnp.float32)
-  tier = router.route(probs, costs, cfg.router_threshold, key, cfg.router_epsilon)
+  tier = router.route(probs, costs, threshold, key, epsilon)
   return tier, probs
 
 
-def route(state: SonaState, query, cfg: SonaConfig, key, *, context_tokens=0, latency_ratio=1.0):
+def route(
+  state: SonaState,
+  query,
+  cfg: SonaConfig,
+  key,
+  *,
+  context_tokens=0,
+  latency_ratio=1.0,
+  threshold=None,
+  epsilon=None,
+):
   """The tier to serve a request with: the cheapest predicted to succeed (DESIGN.md 4.3).
 
   Args:
     state: the learner's state.
     query: f32[dim] query embedding.
-    cfg: the config (`tier_costs`, `router_threshold`, `router_epsilon`).
+    cfg: the config (`tier_costs`, and the defaults of `threshold` and `epsilon`).
     key: PRNG key for epsilon-greedy exploration.
     context_tokens: context length of the request.
     latency_ratio: expected latency over target (1.0 when unknown).
+    threshold: success probability a tier must reach (`cfg.router_threshold` when None); traced,
+      so changing it never recompiles.
+    epsilon: exploration probability (`cfg.router_epsilon` when None); traced likewise.
 
   Returns:
     `(tier, probs)`: i32[] tier and f32[n_tiers] predicted success probabilities.
@@ -130,8 +148,19 @@ def route(state: SonaState, query, cfg: SonaConfig, key, *, context_tokens=0, la
   x = jnp.asarray(query, jnp.float32)
   if x.shape != (cfg.dim,):
     raise ValueError(f"route: query has shape {x.shape}; expected ({cfg.dim},)")
+  threshold = cfg.router_threshold if threshold is None else threshold
+  epsilon = cfg.router_epsilon if epsilon is None else epsilon
   return _route(
-    state, x, jnp.asarray(context_tokens, jnp.int32), jnp.float32(latency_ratio), key, cfg
+    state.bank,
+    state.router_proj,
+    state.router.params,
+    x,
+    jnp.asarray(context_tokens, jnp.int32),
+    jnp.float32(latency_ratio),
+    key,
+    jnp.float32(threshold),
+    jnp.float32(epsilon),
+    cfg,
   )
 
 
@@ -204,8 +233,146 @@ def deep_summary(report) -> str:
   return f"ran in {total:.2f} s: " + "; ".join(parts)
 
 
+class _RWLock:
+  """Many readers or one writer, writers first: a waiting writer holds back new readers, so a
+  reader waits at most for the writer ahead of it (one Loop A step), and a stream of readers
+  never starves Loop A. The writing thread may take the lock again, as reader or writer."""
+
+  def __init__(self):
+    self._cond = threading.Condition(threading.Lock())
+    self._readers = 0
+    self._writer: int | None = None
+    self._depth = 0
+    self._writers_waiting = 0
+
+  @contextlib.contextmanager
+  def read(self):
+    me = threading.get_ident()
+    with self._cond:
+      nested = self._writer == me
+      if not nested:
+        while self._writer is not None or self._writers_waiting:
+          self._cond.wait()
+        self._readers += 1
+    try:
+      yield
+    finally:
+      if not nested:
+        with self._cond:
+          self._readers -= 1
+          if self._readers == 0:
+            self._cond.notify_all()
+
+  @contextlib.contextmanager
+  def write(self):
+    me = threading.get_ident()
+    with self._cond:
+      if self._writer == me:
+        self._depth += 1
+      else:
+        self._writers_waiting += 1
+        while self._writer is not None or self._readers:
+          self._cond.wait()
+        self._writers_waiting -= 1
+        self._writer, self._depth = me, 1
+    try:
+      yield
+    finally:
+      with self._cond:
+        self._depth -= 1
+        if self._depth == 0:
+          self._writer = None
+          self._cond.notify_all()
+
+
+class _Ticket:
+  """One `observe`/`observe_many` call waiting in the dynamic batch."""
+
+  __slots__ = ("packed", "rows", "report", "error", "done")
+
+  def __init__(self, packed: np.ndarray, rows: int | None):
+    self.packed, self.rows = packed, rows  # rows None: one unbatched interaction
+    self.report = self.error = None
+    self.done = False
+
+
+class MemoryEvent(NamedTuple):
+  """A memory that left the graph, for an external store keyed on memory ids to follow.
+
+  Attributes:
+    kind: `"evicted"` (a new memory took its slot) or `"merged"` (Loop C merged it as a
+      near-duplicate into `into`).
+    id: the memory's id (now stale: Loop A rejects it as `BAD_STALE`).
+    into: the surviving memory's id for `"merged"`, -1 for `"evicted"`.
+    time: the driver clock's Unix time when the driver learnt of it.
+  """
+
+  kind: str
+  id: int
+  into: int
+  time: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Knobs:
+  """Values that can change while serving without recompiling anything (traced, not static).
+
+  Attributes:
+    micro_lr: the micro-LoRA learning rate of Loop A (>= 0).
+    router_threshold: the success probability a tier must reach to be chosen, in [0, 1].
+    router_epsilon: the exploration probability of `route`, in [0, 1].
+  """
+
+  micro_lr: float
+  router_threshold: float
+  router_epsilon: float
+
+  @classmethod
+  def from_config(cls, cfg: SonaConfig) -> Knobs:
+    return cls(float(cfg.micro_lr), float(cfg.router_threshold), float(cfg.router_epsilon))
+
+  def validate(self) -> Knobs:
+    for name, lo, hi in (
+      ("micro_lr", 0.0, math.inf),
+      ("router_threshold", 0.0, 1.0),
+      ("router_epsilon", 0.0, 1.0),
+    ):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi):
+        raise ValueError(f"Knobs.{name}={v!r}; expected a number in [{lo}, {hi}]")
+      if not math.isfinite(v):
+        raise ValueError(f"Knobs.{name}={v!r}; expected a finite number")
+    return self
+
+
+_BUCKETS = (2, 4, 8, 16, 32, 64, 128, 256)
+_EVENT_QUEUE = 65_536  # memory events kept for `memory_events()` before the oldest are dropped
+
+
 class Sona:
-  """A SONA learner: config, current state, clock.
+  """A SONA learner: config, current state, clock; safe to call from any number of threads.
+
+  **Threads: what a caller sees.** Every public method may be called from any thread, while
+  `start()` runs Loop B/C on its worker. State transitions (`observe`, `observe_many`,
+  `add_memory`, `add_memories`, `find_patterns`'s access record) are serialised: each sees the
+  result of the ones before it, in one order. Readers (`adapt`, `route`, `tier_success`-style
+  reads, `stats`, `metrics`, `save`'s copy) run concurrently with each other and see the state
+  between two transitions, never a half-applied one: every transition that returned before the
+  read began is visible. A reader waits at most for the transition in progress (one Loop A
+  step), never for a Loop B/C cycle: cycles run on a snapshot, and their result becomes the state
+  in one swap (with the transitions made meanwhile replayed on it, in order). No method hands out
+  an array that a later transition donates, except the `state` property (see there).
+
+  **Dynamic batching.** With `batching=True` (the default), `observe` calls that arrive while
+  another is being applied are coalesced: the next caller to get the state applies every waiting
+  interaction, in arrival order, as one `instant_scan` (sequential semantics: the same result as
+  one by one), padded to a few fixed sizes (2, 4, ..., `max_batch`) so no batch size compiles
+  twice. A lone caller takes the single-step path unchanged.
+
+  **Memory ids.** `add_memory`/`add_memories` return ids that name a memory until it is evicted
+  or merged (`graph.memory_id`): an interaction naming a gone memory is rejected as `BAD_STALE`,
+  even when its slot holds a new memory. Evictions and Loop C merges are delivered as
+  `MemoryEvent`s to `on_memory_event` and to the `memory_events()` queue.
 
   Args:
     cfg: the config.
@@ -213,7 +380,15 @@ class Sona:
     checkpoint_dir: when given, an orbax checkpoint is written there after every Loop B and
       Loop C cycle that runs, and by `save()` (`Sona.restore(checkpoint_dir)` reads it back).
     clock: a function returning Unix seconds (`time.time` by default); tests and simulations inject
-      their own. Interaction times are int32 seconds since the clock's value at construction.
+      their own. Interaction times are int32 seconds since the clock's value at construction;
+      an interaction made without a time (`make_interaction(..., time=None)`, the default) is
+      stamped with this clock when it arrives.
+    batching: coalesce concurrent `observe` calls (see above).
+    max_batch: the largest coalesced batch (a power of two in 2..256).
+    on_memory_event: called with each `MemoryEvent`, outside the driver's locks, in the thread
+      that caused it (an exception it raises is logged, not propagated).
+    transcript: keep every state transition in order, so `replay` can recompute the state from a
+      copy of the initial one (for audits and tests; memory grows with traffic).
 
   Examples:
     >>> import jax, sona_jax as sona
@@ -234,16 +409,31 @@ class Sona:
     key: jax.Array,
     checkpoint_dir: str | None = None,
     clock: Callable[[], float] | None = None,
+    batching: bool = True,
+    max_batch: int = 64,
+    on_memory_event: Callable[[MemoryEvent], None] | None = None,
+    transcript: bool = False,
   ):
     if not isinstance(cfg, SonaConfig):
       raise TypeError(f"Sona: cfg must be a SonaConfig, got {type(cfg).__name__}")
+    if max_batch not in _BUCKETS:
+      raise ValueError(f"Sona: max_batch={max_batch!r}; expected one of {_BUCKETS}")
     self.cfg = cfg
     self.checkpoint_dir = checkpoint_dir
     self.clock = clock or _time.time
     self.time_origin = float(self.clock())
     self._state = init_state(cfg, key)
-    self._lock = threading.RLock()
+    self._rw = _RWLock()
+    self._cycle_lock = threading.Lock()  # one Loop B/C cycle at a time
+    self._save_lock = threading.Lock()
+    self._route_lock = threading.Lock()
+    self._pending_lock = threading.Lock()
+    self._pending: list[_Ticket] = []
+    self.batching = bool(batching)
+    self.max_batch = int(max_batch)
+    self._knobs = Knobs.from_config(cfg)
     self._journal: list | None = None  # transitions made while a background cycle runs
+    self._transcript: list | None = [] if transcript else None
     self._worker: threading.Thread | None = None
     self._cycle_threads: list[threading.Thread] = []  # begin_background / begin_deep threads
     self._stop = threading.Event()
@@ -251,6 +441,10 @@ class Sona:
     self._route_count = 0
     self.last_background = self.time_origin
     self.last_deep = self.time_origin
+    self._on_event = on_memory_event
+    self._events: collections.deque[MemoryEvent] = collections.deque(maxlen=_EVENT_QUEUE)
+    self._events_dropped = 0
+    self._batch_sizes: collections.Counter[int] = collections.Counter()
     self._checkpointer = None
     if checkpoint_dir is not None:
       from sona_jax.checkpoint import Checkpointer
@@ -258,119 +452,291 @@ class Sona:
       self._checkpointer = Checkpointer(checkpoint_dir)
     self.history: list[tuple[str, float]] = []  # (loop, Unix time) of every cycle that ran
 
-  def _apply(self, op):
+  # ------------------------------------------------------------------------------ transitions
+
+  def _apply(self, op, replay=None):
     """Applies a state transition `op(state) -> (state, result)`; returns `result`.
 
-    While a background cycle runs on a snapshot, every transition is also journalled, and replayed
-    on the cycle's result when it finishes (`begin_background`): serving never waits for Loop B,
+    While a background cycle runs on a snapshot, every transition is also journalled (as
+    `replay`, when given: an op that repeats the choices `op` made, e.g. the slots a memory
+    took), and replayed on the cycle's result when it finishes: serving never waits for Loop B,
     and the outcome equals running Loop B at the snapshot, then every later request in order.
-    Call with the lock held.
+    Call with the write lock held.
     """
     self._state, result = op(self._state)
+    replay = op if replay is None else replay
     if self._journal is not None:
-      self._journal.append(op)
+      self._journal.append(replay)
+    if self._transcript is not None:
+      self._transcript.append(("op", replay))
     return result
 
   @property
   def state(self) -> SonaState:
-    """The current state (a pytree of arrays; the next `observe` donates part of it)."""
+    """The current state (a pytree of arrays). The next transition donates part of it: read it
+    only while no other thread calls the driver, or keep `snapshot()` instead."""
     return self._state
 
   @state.setter
   def state(self, value: SonaState):
     if not isinstance(value, SonaState):
       raise TypeError(f"state must be a SonaState, got {type(value).__name__}")
-    with self._lock:
+    with self._rw.write():
       self._state = value
+
+  def snapshot(self) -> SonaState:
+    """A copy of the current state that no later transition touches (safe to keep and read)."""
+    with self._rw.read():
+      return jax.block_until_ready(jax.tree.map(jnp.copy, self._state))
 
   def now(self) -> int:
     """Seconds since the time origin, as stored in interactions and the state."""
     return int(self.clock() - self.time_origin)
 
+  # ---------------------------------------------------------------------------------- knobs
+
+  @property
+  def knobs(self) -> Knobs:
+    """The live knobs (`Knobs`): learning rate, router threshold and exploration."""
+    return self._knobs
+
+  def set_knobs(self, **changes) -> Knobs:
+    """Changes live knobs (`micro_lr`, `router_threshold`, `router_epsilon`) for the requests
+    that follow; nothing recompiles. Returns the new `Knobs`.
+
+    Raises:
+      ValueError: an unknown knob or a value outside its range (nothing is changed).
+    """
+    unknown = set(changes) - {f.name for f in dataclasses.fields(Knobs)}
+    if unknown:
+      raise ValueError(f"Sona.set_knobs: unknown knob(s) {sorted(unknown)}")
+    knobs = dataclasses.replace(self._knobs, **changes).validate()
+    self._knobs = knobs  # one reference swap: a request reads either the old or the new knobs
+    return knobs
+
+  # -------------------------------------------------------------------------------- memories
+
+  def _add(self, e: np.ndarray, q: np.ndarray, t: int, domain) -> tuple[np.ndarray, np.ndarray]:
+    """Adds memories (write lock held); returns `(ids, evicted ids)` and journals a placement."""
+    n = self.cfg.graph_capacity
+    domain = np.broadcast_to(np.asarray(domain, np.int32), (e.shape[0],))
+
+    def op(state):
+      g, ids, evicted = graph_lib.add_nodes(
+        state.graph,
+        e,
+        quality=q,
+        time=jnp.int32(t),
+        domain=jnp.asarray(domain),
+        half_life_s=self.cfg.recency_half_life_s,
+        admission_window_s=self.cfg.admission_window_s,
+      )
+      return state._replace(graph=g), (ids, evicted)
+
+    # The replay repeats the slots and generations chosen here, so ids stay what was returned.
+    chosen: list = []
+
+    def replay(state):
+      g = state.graph
+      for slot, gen, emb, quality, dm in chosen:
+        g = graph_lib.place_node(
+          g, slot, emb, quality=quality, time=jnp.int32(t), domain=dm, generation=gen
+        )
+      return state._replace(graph=g), None
+
+    self._state, (ids, evicted) = op(self._state)
+    ids, evicted = np.asarray(ids), np.asarray(evicted)
+    gens = np.asarray(self._state.graph.node[ids % n, graph_lib.GENERATION])
+    for i in range(ids.shape[0]):
+      chosen.append((int(ids[i] % n), int(gens[i]), e[i], float(q[i]), int(domain[i])))
+    if self._journal is not None:
+      self._journal.append(replay)
+    if self._transcript is not None:
+      self._transcript.append(("op", replay))
+    return ids, evicted
+
+  def _check_memories(self, name: str, e: np.ndarray, quality) -> np.ndarray:
+    if not np.all(np.isfinite(e)) or not np.all(np.any(e, axis=-1)):
+      raise ValueError(f"{name}: embeddings must be finite and non-zero")
+    q = np.broadcast_to(np.asarray(quality, np.float32), e.shape[:1])
+    if not np.all((q >= 0) & (q <= 1)):
+      raise ValueError(f"{name}: quality={quality!r}; expected values in [0, 1]")
+    return np.ascontiguousarray(q)
+
   def add_memory(
-    self, embedding, *, quality: float = 0.5, time: int | None = None, domain: int = 0
+    self,
+    embedding,
+    *,
+    quality: float = 0.5,
+    time: int | None = None,
+    domain: int = 0,
+    return_evicted: bool = False,
   ):
-    """Adds a memory node; returns its id. Evicts the lowest-value node when the graph is full."""
+    """Adds a memory node; returns its id (`(id, evicted_id)` with `return_evicted=True`, -1
+    when nothing was evicted).
+
+    At capacity the new memory takes the slot of the lowest-value established memory; memories
+    younger than `cfg.admission_window_s` are kept while older ones exist (see
+    `graph.add_node`). The evicted memory's id becomes stale and a `MemoryEvent` reports it.
+    """
     e = np.asarray(embedding, np.float32)
     if e.shape != (self.cfg.dim,):
       raise ValueError(f"add_memory: embedding has shape {e.shape}; expected ({self.cfg.dim},)")
-    if not np.all(np.isfinite(e)) or not np.any(e):
-      raise ValueError("add_memory: embedding must be finite and non-zero")
-    if not 0.0 <= float(quality) <= 1.0:
-      raise ValueError(f"add_memory: quality={quality!r}; expected [0, 1]")
-    t = self.now() if time is None else int(time)
-    with self._lock:
+    ids, evicted = self.add_memories(
+      e[None], quality=quality, time=time, domain=domain, return_evicted=True
+    )
+    return (int(ids[0]), int(evicted[0])) if return_evicted else int(ids[0])
 
-      def op(state):
-        g, node_id, evicted = graph_lib.add_node(
-          state.graph,
-          e,
-          quality=jnp.float32(quality),
-          time=jnp.int32(t),
-          domain=jnp.int32(domain),
-          half_life_s=self.cfg.recency_half_life_s,
-        )
-        return state._replace(graph=g), (node_id, evicted)
-
-      node_id, evicted = self._apply(op)
-    evicted = int(evicted)
-    if evicted >= 0:
-      _log.info("sona_jax: memory %d evicted to make room", evicted)
-    return int(node_id)
-
-  def add_memories(self, embeddings, *, quality=0.5, time: int | None = None, domain=0):
-    """Adds a batch of memories in one call; returns their ids as a NumPy array."""
+  def add_memories(
+    self, embeddings, *, quality=0.5, time: int | None = None, domain=0, return_evicted=False
+  ):
+    """Adds a batch of memories in one call; returns their ids as a NumPy array (and the ids
+    each evicted, -1 for none, with `return_evicted=True`). A batch of k <= capacity memories
+    gets k distinct slots."""
     e = np.asarray(embeddings, np.float32)
     if e.ndim != 2 or e.shape[1] != self.cfg.dim:
       raise ValueError(f"add_memories: embeddings {e.shape}; expected [n, {self.cfg.dim}]")
-    if not np.all(np.isfinite(e)) or not np.all(np.any(e, axis=1)):
-      raise ValueError("add_memories: embeddings must be finite and non-zero")
-    q = np.broadcast_to(np.asarray(quality, np.float32), (e.shape[0],))
-    if np.any((q < 0) | (q > 1)):
-      raise ValueError("add_memories: quality must be in [0, 1]")
+    q = self._check_memories("add_memories", e, quality)
     t = self.now() if time is None else int(time)
-    with self._lock:
+    with self._rw.write():
+      ids, evicted = self._add(e, q, t, domain)
+    gone = [int(v) for v in evicted if v >= 0]
+    if gone:
+      _log.info("sona_jax: %d memories evicted to make room", len(gone))
+      stamp = float(self.clock())
+      self._emit([MemoryEvent("evicted", v, -1, stamp) for v in gone])
+    return (ids, evicted) if return_evicted else ids
 
-      def op(state):
-        g, ids, evicted = graph_lib.add_nodes(
-          state.graph,
-          e,
-          quality=q,
-          time=jnp.int32(t),
-          domain=jnp.asarray(domain, jnp.int32),
-          half_life_s=self.cfg.recency_half_life_s,
-        )
-        return state._replace(graph=g), (ids, evicted)
+  def _emit(self, events: list[MemoryEvent]) -> None:
+    """Queues memory events and calls the callback (no driver lock held)."""
+    for ev in events:
+      if len(self._events) == self._events.maxlen:
+        self._events_dropped += 1
+      self._events.append(ev)
+      if self._on_event is not None:
+        try:
+          self._on_event(ev)
+        except Exception:
+          _log.exception("sona_jax: on_memory_event raised; the driver goes on")
 
-      ids, evicted = self._apply(op)
-    evicted = np.asarray(evicted)
-    if np.any(evicted >= 0):
-      _log.info("sona_jax: %d memories evicted to make room", int(np.sum(evicted >= 0)))
-    return np.asarray(ids)
+  def memory_events(self) -> list[MemoryEvent]:
+    """Takes the queued `MemoryEvent`s (evictions and merges, oldest first). The queue keeps the
+    newest 65,536; `stats()["memory_events"]["dropped"]` counts older ones lost unread."""
+    out = []
+    while True:
+      try:
+        out.append(self._events.popleft())
+      except IndexError:
+        return out
+
+  # --------------------------------------------------------------------------------- Loop A
+
+  def _packed(self, interaction, batched: bool) -> np.ndarray:
+    packed = types.pack(interaction, self.cfg, batched=batched)
+    if not isinstance(packed, np.ndarray):
+      raise TypeError("Sona.observe: interactions must hold concrete values (not traced)")
+    return types.stamp(packed, self.cfg, now=self.now(), micro_lr=self._knobs.micro_lr)
 
   def observe(self, interaction: types.Interaction) -> InstantReport:
-    """Loop A on one interaction (one fused jitted transition)."""
-    with self._lock:
-      return self._apply(lambda s: instant_step(s, interaction, self.cfg))
+    """Loop A on one interaction (one fused jitted transition; coalesced with concurrent calls).
+
+    An interaction made without a time is stamped with the driver's clock on arrival.
+    """
+    return self._submit(_Ticket(self._packed(interaction, False), None))
 
   def observe_many(self, interactions: types.Interaction | Sequence[types.Interaction]):
     """Loop A on a batch (a stacked `Interaction` or a list), sequential semantics."""
     if not isinstance(interactions, types.Interaction):
       interactions = types.stack_interactions(list(interactions))
-    with self._lock:
-      return self._apply(lambda s: instant_scan(s, interactions, self.cfg))
+    packed = self._packed(interactions, True)
+    return self._submit(_Ticket(packed, packed.shape[0]))
+
+  def _submit(self, ticket: _Ticket):
+    if not self.batching:
+      with self._rw.write():
+        self._run_tickets([ticket])
+    else:
+      with self._pending_lock:
+        self._pending.append(ticket)
+      with self._rw.write():
+        if not ticket.done:  # else an earlier caller applied it in its batch
+          with self._pending_lock:
+            tickets, self._pending = self._pending, []
+          self._run_tickets(tickets)
+    if ticket.error is not None:
+      raise ticket.error
+    return ticket.report
+
+  def _run_tickets(self, tickets: list[_Ticket]) -> None:
+    """Applies waiting interactions in arrival order (write lock held)."""
+    try:
+      if len(tickets) == 1 and tickets[0].rows is None:
+        packed = tickets[0].packed
+        self._batch_sizes[1] += 1
+        tickets[0].report = self._apply(lambda s: step_packed(s, packed, self.cfg))
+        return
+      rows = np.concatenate([t.packed[None] if t.rows is None else t.packed for t in tickets])
+      values = []
+      for lo in range(0, rows.shape[0], self.max_batch):
+        chunk = rows[lo : lo + self.max_batch]
+        n = chunk.shape[0]
+        size = next(b for b in _BUCKETS if b >= n)
+        padded = np.zeros((size, chunk.shape[1]), np.float32)
+        padded[:n] = chunk
+        self._batch_sizes[n] += 1
+        report = self._apply(lambda s, p=padded, n=n: scan_packed(s, p, self.cfg, n_valid=n))
+        values.append(np.asarray(report.values)[:n])
+      values = np.concatenate(values)
+      at = 0
+      for t in tickets:
+        if t.rows is None:
+          t.report, at = InstantReport(values[at]), at + 1
+        else:
+          t.report, at = InstantReport(values[at : at + t.rows]), at + t.rows
+    except Exception as e:  # every waiting caller hears of it (from its own thread)
+      for t in tickets:
+        t.error = e
+    finally:
+      for t in tickets:
+        t.done = True
+
+  def warmup(self) -> None:
+    """Compiles Loop A's single step and every batch size dynamic batching can use, now, so no
+    request pays for a compilation later. Changes nothing in the state."""
+    width = types.packed_width(self.cfg)
+    with self._rw.write():
+      for size in (b for b in _BUCKETS if b <= self.max_batch):
+        self._state, _ = scan_packed(
+          self._state, np.zeros((size, width), np.float32), self.cfg, n_valid=0
+        )
+      # The single step has no padding mask: it runs once on a throwaway copy of the state.
+      it = types.make_interaction(self.cfg, query=np.zeros(self.cfg.dim), quality=0.5, time=0)
+      step_packed(jax.tree.map(jnp.copy, self._state), types.pack(it, self.cfg), self.cfg)
+
+  # -------------------------------------------------------------------------------- readers
 
   def adapt(self, x) -> jax.Array:
     """The adapted embedding `x + delta_base(x) + delta_micro(x)`."""
-    return adapt(self._state, x, self.cfg)
+    with self._rw.read():
+      return jax.block_until_ready(adapt(self._state, x, self.cfg))
 
   def route(self, query, *, context_tokens: int = 0) -> int:
     """The model tier for a request: the cheapest predicted to succeed, with exploration."""
-    with self._lock:
+    with self._route_lock:
       key = jax.random.fold_in(self._route_key, self._route_count)
       self._route_count += 1
-      tier, _ = route(self._state, query, self.cfg, key, context_tokens=context_tokens)
-    return int(tier)
+    knobs = self._knobs
+    with self._rw.read():
+      tier, _ = route(
+        self._state,
+        query,
+        self.cfg,
+        key,
+        context_tokens=context_tokens,
+        threshold=knobs.router_threshold,
+        epsilon=knobs.router_epsilon,
+      )
+      return int(tier)
 
   def find_patterns(self, query, k: int = 5):
     """The `k` ReasoningBank patterns nearest to `query` (cosine), recorded as accessed.
@@ -384,15 +750,16 @@ class Sona:
       raise ValueError(f"find_patterns: query has shape {x.shape}; expected ({self.cfg.dim},)")
     if not isinstance(k, int) or k < 1:
       raise ValueError(f"find_patterns: k must be a positive int, got {k!r}")
-    with self._lock:
+    with self._rw.write():
       bank = self._state.bank
       k = min(k, bank.capacity)
       ids, scores = patterns.find_patterns(bank, x, k)
+      ids, scores = np.asarray(ids), np.asarray(scores)
+      cen, size, q = np.array(bank.centroid), np.array(bank.size), np.array(bank.avg_quality)
+      succ, cnt = np.array(bank.tier_success), np.array(bank.tier_count)
       now = jnp.int32(self.now())
-      self._apply(lambda s: (s._replace(bank=patterns.record_access(s.bank, ids, now)), None))
-    ids, scores = np.asarray(ids), np.asarray(scores)
-    cen, size, q = np.asarray(bank.centroid), np.asarray(bank.size), np.asarray(bank.avg_quality)
-    succ, cnt = np.asarray(bank.tier_success), np.asarray(bank.tier_count)
+      ids_j = jnp.asarray(ids)
+      self._apply(lambda s: (s._replace(bank=patterns.record_access(s.bank, ids_j, now)), None))
     out = []
     for i, sc in zip(ids, scores, strict=True):
       if i < 0:
@@ -410,53 +777,21 @@ class Sona:
       )
     return out
 
-  def run_background(self, *, force: bool = True, now: float | None = None) -> BackgroundReport:
-    """Loop B now; forced by default, so it runs below `min_samples` (with at least one signal).
-
-    `now` is Unix seconds (the clock when None)."""
-    return self._run_cycle("background", now, force=force)
-
-  def run_deep(self, *, now: float | None = None):
-    """Loop C now (`deep_step`): consolidation, abstraction, dreams, transfer, compression and
-    the integration proxy, then a checkpoint when the driver has a directory.
-
-    `now` is Unix seconds (the clock when None). Returns the `loops.deep.DeepReport`."""
-    return self._run_cycle("deep", now)
-
-  def _run_cycle(self, loop: str, now: float | None, *, force: bool = False):
-    with self._lock:
-      if self._journal is not None:
-        raise RuntimeError(f"run_{loop}: a background cycle is running (begin_{loop})")
-      now = self.clock() if now is None else now
-      self._state, report, ran = self._cycle(loop, self._state, now, force=force)
-      if ran:
-        self._finish_cycle(loop, now, report)
-    _log_report(loop, report)
-    return report
-
   def metrics(self, now: float | None = None) -> metrics_lib.ImprovementMetrics:
     """The seed's `ImprovementMetrics` at Unix time `now` (the clock when None)."""
     now = self.clock() if now is None else now
-    with self._lock:
-      state = self._state
-    return metrics_lib.improvement_metrics(state, self.cfg, int(now - self.time_origin))
+    with self._rw.read():
+      return metrics_lib.improvement_metrics(self._state, self.cfg, int(now - self.time_origin))
 
   def stats(self, now: float | None = None) -> dict:
     """A JSON-serialisable summary: counters, buffers, graph, bank, schedule and metrics."""
     now = self.clock() if now is None else now
-    with self._lock:
+    with self._rw.read():
       state = self._state
+      summary = jax.tree.map(np.array, _summary(state))
+      improvement = metrics_lib.improvement_metrics(state, self.cfg, int(now - self.time_origin))
       history = list(self.history)
-    c = np.asarray(state.metrics.counters)
-    sig_meta = np.asarray(state.signals.meta)
-    traj_meta = np.asarray(state.trajectories.meta)
-    g = state.graph
-    alive = np.asarray(g.alive)
-    nbr = np.asarray(g.nbr)
-    kind = np.asarray(g.kind)
-    has = (nbr >= 0) & alive[:, None]
-    bank_alive = np.asarray(state.bank.alive)
-    level = np.asarray(state.bank.level)
+    c, sig_meta, traj_meta = summary["counters"], summary["signals"], summary["trajectories"]
     d = due(now, self.last_background, self.last_deep, self.cfg)
     return {
       "time": {
@@ -470,7 +805,7 @@ class Sona:
         "micro_updates": int(c[MICRO_UPDATES]),
       },
       "signals": {
-        "waiting": int(buffer.unread(state.signals)),
+        "waiting": int(summary["signals_waiting"]),
         "written": int(sig_meta[buffer.WRITTEN]),
         "dropped": int(sig_meta[buffer.DROPPED]),
         "capacity": self.cfg.signal_capacity,
@@ -481,20 +816,17 @@ class Sona:
         "dropped": int(traj_meta[buffer.DROPPED]),
       },
       "graph": {
-        "nodes": int(alive.sum()),
+        "nodes": int(summary["nodes"]),
         "capacity": self.cfg.graph_capacity,
         "edges": {
-          name.lower(): int(np.sum(has & (kind == i)))
+          name.lower(): int(summary["edges_by_kind"][i])
           for i, name in enumerate(graph_lib.EDGE_KINDS)
         },
       },
       "bank": {
-        "patterns": int(bank_alive.sum()),
+        "patterns": int(summary["patterns"]),
         "capacity": self.cfg.bank_capacity,
-        "by_level": {
-          str(int(lv)): int(np.sum(bank_alive & (level == lv)))
-          for lv in np.unique(level[bank_alive])
-        },
+        "by_level": {str(lv): int(n) for lv, n in enumerate(summary["patterns_by_level"]) if n > 0},
       },
       "schedule": {
         "last_background": self.last_background,
@@ -506,8 +838,80 @@ class Sona:
           "deep": sum(1 for loop, _ in history if loop == "deep"),
         },
       },
-      "improvement": self.metrics(now).to_dict(),
+      "serving": {
+        "batches": {str(k): v for k, v in sorted(self._batch_sizes.items())},
+        "knobs": dataclasses.asdict(self._knobs),
+      },
+      "memory_events": {"queued": len(self._events), "dropped": self._events_dropped},
+      "improvement": improvement.to_dict(),
     }
+
+  # --------------------------------------------------------------------------------- cycles
+
+  def run_background(self, *, force: bool = True, now: float | None = None) -> BackgroundReport:
+    """Loop B now; forced by default, so it runs below `min_samples` (with at least one signal).
+
+    `now` is Unix seconds (the clock when None). It runs on a snapshot in the calling thread:
+    other threads keep serving meanwhile (see `begin_background`)."""
+    return self._run_cycle("background", now, force=force)
+
+  def run_deep(self, *, now: float | None = None):
+    """Loop C now (`deep_step`): consolidation, abstraction, dreams, transfer, compression and
+    the integration proxy, then a checkpoint when the driver has a directory.
+
+    `now` is Unix seconds (the clock when None). Returns the `loops.deep.DeepReport`."""
+    return self._run_cycle("deep", now)
+
+  def _run_cycle(self, loop: str, now: float | None, *, force: bool = False):
+    if not self._cycle_lock.acquire(blocking=False):
+      raise RuntimeError(f"run_{loop}: a background cycle is running (begin_{loop})")
+    try:
+      now = self.clock() if now is None else now
+      snapshot = self._begin_snapshot(loop, now, force)
+      report = self._cycle_on_snapshot(loop, snapshot, now, force)
+    finally:
+      self._cycle_lock.release()
+    return report
+
+  def _begin_snapshot(self, loop: str, now: float, force: bool) -> SonaState:
+    """Copies the state and starts the journal (cycle lock held)."""
+    with self._rw.read():  # no transition between the copy and the journal's start
+      snapshot = jax.tree.map(jnp.copy, self._state)  # Loop A donates the live arrays
+      self._journal = []
+      if self._transcript is not None:
+        self._transcript.append(("cycle", loop, now, force))
+    return snapshot
+
+  def _cycle_on_snapshot(self, loop: str, snapshot: SonaState, now: float, force: bool):
+    """Runs the cycle on `snapshot`, then swaps its result in with the journal replayed."""
+    try:
+      new_state, report, ran = self._cycle(loop, snapshot, now, force=force)
+    except BaseException:  # keep serving on the live state; nothing half-applied
+      with self._rw.write():
+        self._journal = None
+      _log.exception("sona_jax: Loop %s failed; the live state is unchanged", _NAMES[loop])
+      raise
+    events = []
+    try:
+      with self._rw.write():
+        if ran:
+          if loop == "deep":
+            events = _merge_events(snapshot, report, float(self.clock()))
+          state = new_state
+          for op in self._journal:
+            state, _ = op(state)
+          self._state = state
+        self._journal = None
+        if ran:
+          self._finish_cycle(loop, now, report)
+    except BaseException:  # never leave the journal running
+      with self._rw.write():
+        self._journal = None
+      _log.exception("sona_jax: Loop %s bookkeeping failed", _NAMES[loop])
+      raise
+    _log_report(loop, report)
+    self._emit(events)
+    return report
 
   def tick(self, now: float | None = None) -> dict:
     """Runs whichever loops are due (`due`) at Unix time `now` (the clock when None).
@@ -525,6 +929,27 @@ class Sona:
       out["deep"] = self.run_deep(now=now)
     return out
 
+  def replay(self, state: SonaState) -> SonaState:
+    """Recomputes the state from `state` (a copy of the initial one) by applying every recorded
+    transition and cycle in the order the driver serialised them (needs `transcript=True`).
+
+    The result equals the live state: each transition is the same jitted function on the same
+    inputs. Used by the tests to check concurrent serving against its sequential order."""
+    if self._transcript is None:
+      raise ValueError("Sona.replay: this driver was built without transcript=True")
+    with self._rw.read():
+      entries = list(self._transcript)
+    for entry in entries:
+      if entry[0] == "op":
+        state, _ = entry[1](state)
+      else:
+        _, loop, now, force = entry
+        new_state, _, ran = self._cycle(loop, state, now, force=force)
+        state = new_state if ran else state
+    return state
+
+  # ---------------------------------------------------------------------------- checkpoints
+
   def save(self) -> int:
     """Writes a checkpoint of the current state (async; `wait_checkpoints()` blocks on it).
 
@@ -536,7 +961,9 @@ class Sona:
     """
     if self._checkpointer is None:
       raise ValueError("Sona.save: this driver has no checkpoint_dir")
-    with self._lock:
+    # The copy off the device sees no transition. Lock order: the state lock, then the save lock
+    # (a cycle that finishes holds the state lock when it saves).
+    with self._rw.read(), self._save_lock:
       last = self._checkpointer.latest_step()
       step = 0 if last is None else last + 1
       self._checkpointer.save(
@@ -561,22 +988,24 @@ class Sona:
   def wait_checkpoints(self) -> None:
     """Blocks until pending asynchronous checkpoint writes are on disk."""
     if self._checkpointer is not None:
-      self._checkpointer.wait()
+      with self._save_lock:
+        self._checkpointer.wait()
 
   @classmethod
-  def restore(cls, checkpoint_dir, *, cfg: SonaConfig | None = None, clock=None) -> Sona:
+  def restore(cls, checkpoint_dir, *, cfg: SonaConfig | None = None, clock=None, **kwargs) -> Sona:
     """A driver from the newest good checkpoint in `checkpoint_dir` (see `checkpoint.Checkpointer`).
 
     Args:
       checkpoint_dir: the directory a `Sona(..., checkpoint_dir=...)` wrote.
       cfg: optional config; must agree with the saved one on every field that shapes the state.
       clock: the clock (Unix seconds), `time.time` by default.
+      **kwargs: the driver's other keyword arguments (`batching`, `on_memory_event`, ...).
     """
     from sona_jax.checkpoint import Checkpointer
 
     with Checkpointer(checkpoint_dir) as ck:
       state, cfg, meta = ck.restore(cfg)
-    engine = cls(cfg, key=jax.random.key(0), checkpoint_dir=checkpoint_dir, clock=clock)
+    engine = cls(cfg, key=jax.random.key(0), checkpoint_dir=checkpoint_dir, clock=clock, **kwargs)
     engine._state = state
     engine.time_origin = float(meta["time_origin"])
     extra = meta.get("extra") or {}
@@ -616,7 +1045,7 @@ class Sona:
 
     Transitions made meanwhile are replayed on the restructured state; an observation naming a
     memory that compression merged away is then rejected by Loop A's validation and counted
-    (`REJECTED`), never applied to a recycled id.
+    (`BAD_STALE`), never applied to a recycled slot. Merges are delivered as `MemoryEvent`s.
 
     Returns:
       A `concurrent.futures.Future` of the `DeepReport`.
@@ -635,7 +1064,7 @@ class Sona:
     return state, report, True
 
   def _finish_cycle(self, loop: str, now: float, report) -> None:
-    """Bookkeeping after a cycle ran (lock held): schedule, history, checkpoint."""
+    """Bookkeeping after a cycle ran (write lock held): schedule, history, checkpoint."""
     if loop == "background":
       self.last_background = now
     else:
@@ -651,39 +1080,23 @@ class Sona:
     import concurrent.futures
 
     future: concurrent.futures.Future = concurrent.futures.Future()
-    with self._lock:
-      if self._journal is not None:
-        raise RuntimeError(f"begin_{loop}: a background cycle is already running")
+    if not self._cycle_lock.acquire(blocking=False):
+      raise RuntimeError(f"begin_{loop}: a background cycle is already running")
+    try:
       now = self.clock() if now is None else now
-      snapshot = jax.tree.map(jnp.copy, self._state)  # Loop A donates the live arrays
-      self._journal = []
+      snapshot = self._begin_snapshot(loop, now, force)
+    except BaseException:
+      self._cycle_lock.release()
+      raise
 
     def work():
       try:
-        new_state, report, ran = self._cycle(loop, snapshot, now, force=force)
-      except BaseException as e:  # keep serving on the live state; nothing half-applied
-        with self._lock:
-          self._journal = None
-        _log.exception("sona_jax: Loop %s failed; the live state is unchanged", _NAMES[loop])
+        report = self._cycle_on_snapshot(loop, snapshot, now, force)
+      except BaseException as e:  # logged by _cycle_on_snapshot
+        self._cycle_lock.release()
         future.set_exception(e)
         return
-      try:
-        with self._lock:
-          if ran:
-            state = new_state
-            for op in self._journal:
-              state, _ = op(state)
-            self._state = state
-          self._journal = None
-          if ran:
-            self._finish_cycle(loop, now, report)
-        _log_report(loop, report)
-      except BaseException as e:  # never leave the schedule waiting on an unresolved future
-        with self._lock:
-          self._journal = None
-        _log.exception("sona_jax: Loop %s bookkeeping failed", _NAMES[loop])
-        future.set_exception(e)
-        return
+      self._cycle_lock.release()
       future.set_result(report)
 
     thread = threading.Thread(target=work, name=f"sona-loop-{_NAMES[loop]}", daemon=True)
@@ -703,15 +1116,15 @@ class Sona:
       while not self._stop.is_set():
         now = self.clock()
         d = due(now, self.last_background, self.last_deep, self.cfg)
-        if d.background:
+        for name, is_due in (("background", d.background), ("deep", d.deep)):
+          if not is_due or self._stop.is_set():
+            continue
           try:
-            self.begin_background(force=False, now=now).result()
-          except Exception:  # logged by begin_background; retried at the next slot
-            pass
-        if d.deep:
-          try:
-            self.begin_deep(now=now).result()
-          except Exception:  # logged by begin_deep; retried at the next poll
+            if name == "background":
+              self.begin_background(force=False, now=now).result()
+            else:
+              self.begin_deep(now=now).result()
+          except Exception:  # logged by the cycle (or a user's run_* holds the cycle lock)
             pass
         self._stop.wait(poll_s)
 
@@ -739,3 +1152,44 @@ class Sona:
       _log.warning("sona_jax: stop timed out with a cycle still running; it will finish")
       return
     self.wait_checkpoints()
+
+
+@jax.jit
+def _summary(state: SonaState) -> dict:
+  """The small arrays `Sona.stats` reports, computed in one call (no large host copies)."""
+  g = state.graph
+  alive = g.alive
+  has = (g.nbr >= 0) & alive[:, None]
+  kinds = jnp.arange(len(graph_lib.EDGE_KINDS), dtype=jnp.int32)
+  bank_alive = state.bank.alive
+  level = state.bank.level
+  levels = jnp.arange(16, dtype=level.dtype)
+  return {
+    "counters": state.metrics.counters,
+    "signals": state.signals.meta,
+    "trajectories": state.trajectories.meta,
+    "signals_waiting": buffer.unread(state.signals),
+    "nodes": jnp.sum(alive),
+    "edges_by_kind": jnp.sum(has[None] & (g.kind[None] == kinds[:, None, None]), axis=(1, 2)),
+    "patterns": jnp.sum(bank_alive),
+    "patterns_by_level": jnp.sum(bank_alive[None] & (level[None] == levels[:, None]), axis=1),
+  }
+
+
+def _merge_events(before: SonaState, report, stamp: float) -> list[MemoryEvent]:
+  """`MemoryEvent`s for Loop C's merges, in memory ids (`before` is the cycle's input)."""
+  comp = getattr(report, "compression", None)
+  merged = np.asarray(getattr(comp, "merged", np.zeros((0, 2), np.int32))).reshape(-1, 2)
+  if merged.shape[0] == 0:
+    return []
+  ids = np.asarray(graph_lib.memory_ids(before.graph))
+  into = {int(a): int(b) for a, b in merged}
+  events = []
+  for removed in merged[:, 0]:
+    survivor = into[int(removed)]
+    seen = {int(removed)}
+    while survivor in into and survivor not in seen:  # merged again in a later round
+      seen.add(survivor)
+      survivor = into[survivor]
+    events.append(MemoryEvent("merged", int(ids[removed]), int(ids[survivor]), stamp))
+  return events

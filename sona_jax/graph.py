@@ -51,6 +51,13 @@ __all__ = [
   "make_edges",
   "make_node",
   "to_networkx",
+  "max_tag",
+  "id_tag",
+  "memory_id",
+  "memory_ids",
+  "slot_of",
+  "resolve_ids",
+  "place_node",
 ]
 
 HEBBIAN, CONSOLIDATED, CREATIVE, ANALOGY = 0, 1, 2, 3
@@ -185,6 +192,7 @@ def node_value(graph: Graph, now, half_life_s: float) -> jax.Array:
   """f32[N] eviction value: `quality * (1 + log1p(access)) * strength * 0.5^(idle / half_life)`.
 
   Dead nodes get -1, below any live node (values are >= 0), so free slots are taken first.
+  `add_node` evicts by this value only among nodes older than its admission window.
   """
   idle = jnp.maximum(jnp.asarray(now, jnp.int32) - graph.last_access, 0).astype(jnp.float32)
   recency = jnp.exp2(-idle / jnp.float32(half_life_s))
@@ -213,35 +221,66 @@ def _empty_row(degree: int) -> jax.Array:
   return jnp.concatenate([jnp.full((degree,), -1, jnp.int32), jnp.zeros((2 * degree,), jnp.int32)])
 
 
-def _add_node(
-  graph: Graph,
-  embedding: jax.Array,
-  *,
-  quality=0.5,
-  time=0,
-  domain=0,
-  half_life_s: float = 7 * 86_400.0,
-):
-  """Adds a memory node: takes a free slot, or evicts the lowest-value node (`node_value`).
+_I32_MAX = 2**31 - 1
+# The default admission window, the same as `SonaConfig.admission_window_s` (one day).
+_DEFAULT_WINDOW_S = 86_400
 
-  The embedding is stored unit-normalised. When a live node is evicted, its own edges and every
-  edge pointing at it are cleared, so the new occupant inherits nothing. The input graph is donated.
 
-  Args:
-    graph: the graph (donated).
-    embedding: f32[dim].
-    quality: initial quality EMA in [0, 1].
-    time: creation time, int seconds since the origin.
-    domain: domain label.
-    half_life_s: recency half-life of the eviction value.
+def _order_bits(x: jax.Array) -> jax.Array:
+  """i32 keys that sort like the f32 `x`, so one integer argmin orders values and times alike."""
+  x = jnp.where(jnp.isnan(x), -jnp.inf, x)  # a corrupt value goes first rather than never
+  bits = _f2i(x)
+  # Non-negative floats sort as their bit patterns; negative ones sort reversed.
+  return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def _check_window(admission_window_s) -> int:
+  if isinstance(admission_window_s, bool) or not isinstance(admission_window_s, (int, float)):
+    raise ValueError(f"admission_window_s must be a number, got {admission_window_s!r}")
+  if not admission_window_s >= 0:
+    raise ValueError(f"admission_window_s={admission_window_s!r} is out of range; allowed [0, inf]")
+  return min(int(admission_window_s), _I32_MAX)
+
+
+def _eviction_slot(graph: Graph, time, half_life_s: float, window: int, batch_order=None):
+  """The slot a new memory takes at `time` (the rule is in `_add_node`'s docstring); O(N).
+
+  `batch_order` (i32[N], -1 for slots not taken yet) is the position in the current batch of the
+  memory each slot got from it; those slots come last, earliest batch member first.
+  """
+  alive = graph.alive
+  created = graph.created
+  if window > 0:
+    young = alive & (time - created < jnp.int32(window))
+  else:
+    young = jnp.zeros_like(alive)
+  # Tiers, taken in order: 0 free, 1 established, 2 young, 3 taken earlier in this batch.
+  tier = jnp.where(alive, jnp.where(young, 2, 1), 0)
+  if batch_order is not None:
+    tier = jnp.where(batch_order >= 0, 3, tier)
+  best = jnp.min(tier)
+  value = _order_bits(node_value(graph, time, half_life_s))
+  fifo = best == 2
+  first = jnp.where(fifo, created, value)
+  if batch_order is not None:
+    first = jnp.where(best == 3, batch_order, first)
+  # Lexicographic argmin, one masked min per key (O(N), no sort). The generation key keeps ties
+  # from piling onto one slot: the slot a newcomer took has just had its generation raised.
+  keys = (first, jnp.where(fifo, value, created), graph.last_access, graph.generation)
+  cand = tier == best
+  for key in keys:
+    key = jnp.where(cand & alive, key, jnp.where(cand, 0, _I32_MAX))  # free slots: lowest first
+    cand = cand & (key == jnp.min(key))
+  return jnp.argmax(cand).astype(jnp.int32)
+
+
+def _write_node(graph: Graph, slot, embedding, quality, time, domain):
+  """Puts a new memory in `slot`, clearing an evicted occupant's edges.
 
   Returns:
-    `(graph, node_id, evicted_id)`: the new node's id and the evicted live node's id (-1 if the slot
-    was free).
+    `(graph, new_id, evicted_id)` as memory ids (`memory_id`): the slot's generation grows by one,
+    so the new id differs from the evicted one (-1 when the slot was free).
   """
-  time = jnp.asarray(time, jnp.int32)
-  value = node_value(graph, time, half_life_s)
-  slot = jnp.argmin(value).astype(jnp.int32)
   was_alive = graph.node[slot, ALIVE] != 0
   k = graph.degree
   edges = jax.lax.cond(was_alive, lambda e: _clear_in_edges(e, slot, k), lambda e: e, graph.edges)
@@ -251,30 +290,108 @@ def _add_node(
   gen = graph.node[slot, GENERATION] + 1
   row = make_node(0, time, time, jnp.clip(quality, 0.0, 1.0), 1.0, 1, domain, gen)
   graph = Graph(emb=graph.emb.at[slot].set(e), edges=edges, node=graph.node.at[slot].set(row))
-  return graph, slot, jnp.where(was_alive, slot, -1)
+  n = jnp.int32(graph.capacity)
+  new_id = slot + n * id_tag(gen, graph.capacity)
+  evicted_id = slot + n * id_tag(gen - 1, graph.capacity)
+  return graph, new_id, jnp.where(was_alive, evicted_id, -1)
 
 
-add_node = jax.jit(_add_node, static_argnames=("half_life_s",), donate_argnums=0)
+def _add_node(
+  graph: Graph,
+  embedding: jax.Array,
+  *,
+  quality=0.5,
+  time=0,
+  domain=0,
+  half_life_s: float = 7 * 86_400.0,
+  admission_window_s: int = _DEFAULT_WINDOW_S,
+):
+  """Adds a memory node: takes a free slot, or evicts an established node of lowest value.
+
+  Which slot, in order:
+
+  1. a free (dead) slot, the lowest first;
+  2. else the *established* live node (created at least `admission_window_s` before `time`) of
+     lowest `node_value`; equal values go to the earliest created, then the least recently
+     accessed, then the slot reused least (lowest generation), then the lowest slot;
+  3. else (every live node is younger than the window) the earliest created, then by the same keys
+     (value, last access, generation, slot): FIFO among the young.
+
+  A node younger than the window is thus never evicted while an older live node exists. Without
+  the window a newcomer, with no accesses yet, is usually the lowest-value node and the next
+  newcomer evicts it: a full graph kept one new memory at a time. The window is the probation
+  segment of SLRU (Karedla, Love & Wherry 1994) and the admission window of W-TinyLFU (Einziger,
+  Friedman & Manes, "TinyLFU: A Highly Efficient Cache Admission Policy", ACM ToS 2017): a
+  newcomer is protected long enough to earn accesses before it competes on value. Ties do not
+  pile onto one slot: a just-filled slot holds the latest created node, and among nodes equal in
+  every other key the slot reused least goes first, which moves successive evictions round them.
+
+  The embedding is stored unit-normalised. When a live node is evicted, its own edges and every
+  edge pointing at it are cleared, so the new occupant inherits nothing; the slot's generation
+  grows by one. The input graph is donated.
+
+  Args:
+    graph: the graph (donated).
+    embedding: f32[dim].
+    quality: initial quality EMA in [0, 1].
+    time: creation time, int seconds since the origin.
+    domain: domain label.
+    half_life_s: recency half-life of the eviction value.
+    admission_window_s: seconds a new node is protected from eviction (static); 0 turns the window
+      off (every live node competes on value). The default, one day, is `SonaConfig`'s.
+
+  Returns:
+    `(graph, node_id, evicted_id)`: the new memory's id and the evicted memory's id (-1 if the slot
+    was free), as stable memory ids (`memory_id`: the slot plus its generation; equal to the slot
+    the first time a slot is used). `slot_of`/`resolve_ids` map ids back to rows.
+  """
+  window = _check_window(admission_window_s)
+  time = jnp.asarray(time, jnp.int32)
+  slot = _eviction_slot(graph, time, half_life_s, window)
+  return _write_node(graph, slot, embedding, quality, time, domain)
+
+
+add_node = jax.jit(
+  _add_node, static_argnames=("half_life_s", "admission_window_s"), donate_argnums=0
+)
 add_node.__doc__ = _add_node.__doc__
 
 
-@functools.partial(jax.jit, static_argnames=("half_life_s",), donate_argnums=0)
-def add_nodes(graph: Graph, embeddings, *, quality=0.5, time=0, domain=0, half_life_s=7 * 86_400.0):
-  """Adds a batch of nodes in order (`lax.scan` of `add_node`); returns `(graph, ids, evicted)`.
+@functools.partial(jax.jit, static_argnames=("half_life_s", "admission_window_s"), donate_argnums=0)
+def add_nodes(
+  graph: Graph,
+  embeddings,
+  *,
+  quality=0.5,
+  time=0,
+  domain=0,
+  half_life_s=7 * 86_400.0,
+  admission_window_s=_DEFAULT_WINDOW_S,
+):
+  """Adds a batch of nodes in order by the rule of `add_node`; returns `(graph, ids, evicted)`.
+
+  A node of the batch is never evicted by a later one of the same batch, so `n <= N` nodes get `n`
+  distinct slots. A batch larger than the capacity keeps its last `N` nodes: node `i >= N` takes
+  the slot of node `i - N` (`evicted[i] == ids[i - N]`).
 
   `quality`, `time` and `domain` may be scalars or per-node arrays of length `n`.
   """
+  window = _check_window(admission_window_s)
   n = embeddings.shape[0]
   quality = jnp.broadcast_to(jnp.asarray(quality, jnp.float32), (n,))
   time = jnp.broadcast_to(jnp.asarray(time, jnp.int32), (n,))
   domain = jnp.broadcast_to(jnp.asarray(domain, jnp.int32), (n,))
+  order = jnp.full((graph.capacity,), -1, jnp.int32)
 
-  def body(g, xs):
-    e, q, t, dm = xs
-    g, i, ev = _add_node(g, e, quality=q, time=t, domain=dm, half_life_s=half_life_s)
-    return g, (i, ev)
+  def body(carry, xs):
+    g, order = carry
+    idx, e, q, t, dm = xs
+    slot = _eviction_slot(g, t, half_life_s, window, order)
+    g, new_id, ev = _write_node(g, slot, e, q, t, dm)
+    return (g, order.at[slot].set(idx)), (new_id, ev)
 
-  graph, (ids, evicted) = jax.lax.scan(body, graph, (embeddings, quality, time, domain))
+  xs = (jnp.arange(n, dtype=jnp.int32), embeddings, quality, time, domain)
+  (graph, _), (ids, evicted) = jax.lax.scan(body, (graph, order), xs)
   return graph, ids, evicted
 
 
@@ -544,3 +661,83 @@ def to_networkx(graph: Graph, *, include_embeddings: bool = False) -> nx.DiGraph
   for i, j in zip(rows, cols, strict=True):
     g.add_edge(int(i), int(nbr[i, j]), weight=float(w[i, j]), kind=EDGE_KINDS[int(kind[i, j])])
   return g
+
+
+# ---------------------------------------------------------------------------------------------
+# Stable memory ids.
+#
+# A slot is recycled when its memory is evicted or merged away, so a slot index alone cannot tell
+# a caller's old memory from the slot's new occupant. The id handed out for a memory therefore
+# carries the slot's generation: `id = slot + N * tag(generation)`. A slot's first memory has
+# tag 0, so its id is the slot itself (graphs that never recycle a slot see ids equal to slots).
+# Tags wrap modulo `max_tag(N) = (2^31 - 1) // N` (21,474 reuses of one slot at N = 100,000):
+# an id held across that many reuses of its slot would alias; nothing shorter can.
+
+
+def max_tag(capacity: int) -> int:
+  """How many generations of one slot have distinct ids before they wrap (int32 ids)."""
+  return (2**31 - 1) // int(capacity)
+
+
+def id_tag(generation, capacity: int):
+  """i32 tag of a slot's generation: 0 for the first memory of the slot (and for generation 0)."""
+  g = jnp.asarray(generation, jnp.int32)
+  return jnp.maximum(g - 1, 0) % jnp.int32(max_tag(capacity))
+
+
+def memory_id(graph: Graph, slot):
+  """The stable id of the memory now in `slot` (i32, any shape), -1 where the slot is free."""
+  slot = jnp.asarray(slot, jnp.int32)
+  n = graph.capacity
+  safe = jnp.clip(slot, 0, n - 1)
+  row = graph.node[..., safe, :]
+  mid = safe + jnp.int32(n) * id_tag(row[..., GENERATION], n)
+  return jnp.where((slot >= 0) & (slot < n) & (row[..., ALIVE] != 0), mid, -1)
+
+
+def memory_ids(graph: Graph) -> jax.Array:
+  """i32[N]: the stable id of every slot's memory, -1 for free slots."""
+  n = graph.capacity
+  slots = jnp.arange(n, dtype=jnp.int32)
+  mid = slots + jnp.int32(n) * id_tag(graph.node[..., GENERATION], n)
+  return jnp.where(graph.node[..., ALIVE] != 0, mid, -1)
+
+
+def slot_of(ids, capacity: int):
+  """The slot an id names (`id mod N`), -1 kept for -1 (no check that the memory still lives)."""
+  ids = jnp.asarray(ids, jnp.int32)
+  return jnp.where(ids >= 0, ids % jnp.int32(capacity), jnp.minimum(ids, -1))
+
+
+def resolve_ids(graph: Graph, ids):
+  """`(slots, live)` for ids held outside the graph: `live` is False for -1 padding, for ids of
+  memories that were evicted or merged away (even when their slot holds a new memory), and for
+  ids that were never issued. Use it to map returned ids back to rows of the graph's arrays."""
+  ids = jnp.asarray(ids, jnp.int32)
+  n = graph.capacity
+  slots = slot_of(ids, n)
+  safe = jnp.clip(slots, 0, n - 1)
+  node = graph.node[safe]
+  live = (
+    (ids >= 0) & (node[..., ALIVE] != 0) & (ids // jnp.int32(n) == id_tag(node[..., GENERATION], n))
+  )
+  return slots, live
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def place_node(graph: Graph, slot, embedding, *, quality, time, domain, generation) -> Graph:
+  """Puts a memory into `slot` with the given `generation`, replacing whatever the slot holds
+  (its edges in and out are cleared, as `add_node` does when it evicts).
+
+  `add_node` chooses the slot; this repeats a choice already made, so that replaying a recorded
+  addition on another version of the state (the driver's journal after a Loop B/C cycle) gives
+  the memory the same id as the first time. The input graph is donated.
+  """
+  slot = jnp.asarray(slot, jnp.int32)
+  k = graph.degree
+  edges = _clear_in_edges(graph.edges, slot, k).at[slot].set(_empty_row(k))
+  e = jnp.asarray(embedding, jnp.float32)
+  e = e / jnp.maximum(jnp.linalg.norm(e), 1e-12)
+  time = jnp.asarray(time, jnp.int32)
+  row = make_node(0, time, time, jnp.clip(quality, 0.0, 1.0), 1.0, 1, domain, generation)
+  return Graph(emb=graph.emb.at[slot].set(e), edges=edges, node=graph.node.at[slot].set(row))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import warnings
 
-__all__ = ["configure_cpu_low_latency", "LOW_LATENCY_XLA_FLAG"]
+__all__ = ["configure_cpu_low_latency", "LOW_LATENCY_XLA_FLAG", "CompileCounter", "count_compiles"]
 
 LOW_LATENCY_XLA_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 _log = logging.getLogger("sona_jax")
@@ -93,3 +95,43 @@ def configure_cpu_low_latency(*, pin_cpu: int | None = None) -> dict:
     "backend_started": started,
     "pinned_cpu": pinned,
   }
+
+
+class CompileCounter:
+  """How many XLA compilations ran while `count_compiles()` was open (all threads)."""
+
+  def __init__(self):
+    self.compiles = 0
+    self._lock = threading.Lock()
+
+  def _listener(self, event: str, duration: float, **kwargs) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+      with self._lock:
+        self.compiles += 1
+
+
+@contextlib.contextmanager
+def count_compiles():
+  """Counts XLA backend compilations inside the block, through JAX's public monitoring events.
+
+  A serving path that never retraces compiles nothing once warm: tests and benchmarks check that
+  changing a live knob or a batch size keeps `compiles == 0`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from sona_jax.runtime import count_compiles
+    >>> f = jax.jit(lambda x: x * 2)
+    >>> _ = f(jnp.float32(1))
+    >>> with count_compiles() as counter:
+    ...   _ = f(jnp.float32(2))
+    >>> counter.compiles
+    0
+  """
+  import jax.monitoring
+
+  counter = CompileCounter()
+  jax.monitoring.register_event_duration_secs_listener(counter._listener)
+  try:
+    yield counter
+  finally:
+    jax.monitoring.unregister_event_duration_listener(counter._listener)

@@ -38,6 +38,10 @@ __all__ = [
   "check_interaction",
   "pack",
   "unpack",
+  "packed_lr",
+  "stamp",
+  "resolve_time",
+  "TIME_UNSET",
   "packed_width",
   "signal_width",
   "trajectory_width",
@@ -122,10 +126,25 @@ class Trajectory(NamedTuple):
 
 
 # Scalar slots of the packed interaction, after query, used and unused.
-S_ANCHOR, S_QUALITY, S_LATENCY, S_TARGET, S_TIER, S_CONTEXT, S_FEEDBACK, S_HAS_GRAD, S_TIME = range(
-  9
-)
-N_SCALARS = 9
+(
+  S_ANCHOR,
+  S_QUALITY,
+  S_LATENCY,
+  S_TARGET,
+  S_TIER,
+  S_CONTEXT,
+  S_FEEDBACK,
+  S_HAS_GRAD,
+  S_TIME,
+  S_LR,
+) = range(10)
+N_SCALARS = 10
+# `S_LR` is not an `Interaction` field: it carries the micro-LoRA learning rate of a live knob
+# into Loop A with the request (NaN: `SonaConfig.micro_lr`), so changing it never recompiles.
+
+TIME_UNSET = -(2**31)
+"""The packed time of an interaction made without one: Loop A stamps it with the newest time the
+state has seen (`Sona.observe` stamps it with the driver's clock before that)."""
 _INT_SCALARS = (S_ANCHOR, S_TIER, S_CONTEXT, S_TIME)
 
 _FIELD_KIND = {  # field -> (numpy kind codes accepted, packed dtype)
@@ -205,7 +224,7 @@ def check_interaction(interaction: Interaction, cfg: SonaConfig, *, batched: boo
   return batch[0] if batched else 0
 
 
-_SCALARS = struct.Struct("<ifffiiffi")  # anchor, quality, latency, target, ... in S_* order
+_SCALARS = struct.Struct("<ifffiiffif")  # anchor, quality, latency, target, ... in S_* order
 assert [
   S_ANCHOR,
   S_QUALITY,
@@ -216,7 +235,8 @@ assert [
   S_FEEDBACK,
   S_HAS_GRAD,
   S_TIME,
-] == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+  S_LR,
+] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
 
 
 def _pack_one(i: Interaction) -> np.ndarray:
@@ -231,6 +251,7 @@ def _pack_one(i: Interaction) -> np.ndarray:
     float(i.feedback),
     float(bool(i.has_grad)),
     int(i.time),
+    math.nan,
   )
   return np.concatenate(
     [
@@ -265,6 +286,7 @@ def _pack_numpy_into(out: np.ndarray, interaction: Interaction, cfg: SonaConfig)
   out[..., s0 + S_FEEDBACK] = interaction.feedback
   out[..., s0 + S_HAS_GRAD] = interaction.has_grad
   iv[..., s0 + S_TIME] = interaction.time
+  out[..., s0 + S_LR] = np.nan
   out[..., s0 + N_SCALARS :] = interaction.grad
   return out
 
@@ -286,6 +308,7 @@ def _pack_jax(interaction: Interaction, cfg: SonaConfig) -> jax.Array:
     f32(i.feedback),
     f32(i.has_grad),
     _bits(i.time),
+    jnp.full(jnp.shape(i.quality), jnp.nan, jnp.float32),
   ]
   parts = [f32(i.query), _bits(i.used), _bits(i.unused), jnp.stack(scalars, axis=-1), f32(i.grad)]
   return jnp.concatenate(parts, axis=-1)
@@ -348,6 +371,46 @@ def unpack(packed: jax.Array, cfg: SonaConfig) -> Interaction:
     has_grad=s[S_HAS_GRAD] != 0,
     time=as_int(s[S_TIME]),
   )
+
+
+def packed_lr(packed: jax.Array, cfg: SonaConfig) -> jax.Array:
+  """The micro-LoRA learning rate a packed interaction carries: its live knob, or `cfg.micro_lr`
+  when it carries none (NaN)."""
+  lr = packed[..., _scalar_offset(cfg) + S_LR]
+  return jnp.where(jnp.isnan(lr), jnp.float32(cfg.micro_lr), lr)
+
+
+def stamp(packed: np.ndarray, cfg: SonaConfig, *, now: int | None = None, micro_lr=None):
+  """A copy of host-packed interactions with an unset time set to `now` and the learning-rate knob
+  set to `micro_lr` (each left as is when None). The driver's per-request path (~1 us).
+
+  Args:
+    packed: f32[width] or f32[batch, width] from `pack`.
+    cfg: the config.
+    now: seconds since the origin, for interactions made without a time.
+    micro_lr: the live micro-LoRA learning rate (None: `cfg.micro_lr`).
+  """
+  out = np.array(packed, np.float32, copy=True)
+  j = _scalar_offset(cfg) + S_TIME
+  if now is not None:
+    iv = out.view(np.int32)
+    if out.ndim == 1:  # the per-request case: a scalar test, no mask
+      if iv[j] == TIME_UNSET:
+        iv[j] = now
+    else:
+      times = iv[:, j]
+      times[times == TIME_UNSET] = now
+  if micro_lr is not None:
+    out[..., j + (S_LR - S_TIME)] = micro_lr
+  return out
+
+
+def resolve_time(packed: jax.Array, cfg: SonaConfig, newest) -> jax.Array:
+  """Inside Loop A: an unset time (`TIME_UNSET`) becomes `newest`, the newest time the state saw."""
+  j = _scalar_offset(cfg) + S_TIME
+  t = jax.lax.bitcast_convert_type(packed[..., j], jnp.int32)
+  t = jnp.where(t == TIME_UNSET, jnp.asarray(newest, jnp.int32), t)
+  return packed.at[..., j].set(jax.lax.bitcast_convert_type(t, jnp.float32))
 
 
 def _ids_into(out: np.ndarray, name: str, ids, k: int):
@@ -430,7 +493,7 @@ def make_interaction(
   context_tokens: int = 0,
   feedback: float = math.nan,
   grad=None,
-  time: int = 0,
+  time: int | None = None,
 ) -> Interaction:
   """Builds an `Interaction` of NumPy arrays from Python values, padding the id lists with -1.
 
@@ -450,7 +513,9 @@ def make_interaction(
     context_tokens: context length in tokens.
     feedback: explicit user feedback in [0, 1], NaN for none.
     grad: optional f32[dim] gradient `dL/dy` at the adapted output (supervised mode).
-    time: int seconds since the state's time origin.
+    time: int seconds since the state's time origin; None (the default) for "now": the driver
+      (`Sona.observe`) stamps it with its clock, and Loop A called directly with the newest time
+      the state has seen (`types.TIME_UNSET` in the packed vector).
 
   Returns:
     An `Interaction` whose fields are NumPy arrays of the exact packed dtypes.
@@ -501,7 +566,8 @@ def make_interaction(
     _int("context_tokens", context_tokens),
     _float("feedback", feedback),
     0.0 if grad is None else 1.0,
-    _int("time", time),
+    TIME_UNSET if time is None else _int("time", time),
+    math.nan,
   )
   buf.setflags(write=False)
   ibuf.setflags(write=False)

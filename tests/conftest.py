@@ -1,14 +1,84 @@
 """Test configuration in the spirit of equinox's: strict dtype promotion, rank promotion raises,
-fixed keys, and the hypothesis seed printed so failures can be replayed."""
+fixed keys, and the random seeds of the run printed at its end so failures can be replayed.
+
+Hypothesis would draw a fresh seed for every test; here it draws one per session (unless
+`--hypothesis-seed=N` is given), printed with the test order's seed when pytest-random-order
+shuffles (`--random-order`). Passing both back replays the run.
+"""
+
+import asyncio
+import random
 
 import jax
 import pytest
+from hypothesis import core as hypothesis_core
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.hookimpl(trylast=True)  # after hypothesis' plugin has read `--hypothesis-seed`
+def pytest_configure(config):
+  if hypothesis_core.global_force_seed is None:
+    hypothesis_core.global_force_seed = random.SystemRandom().randrange(2**32)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+  seeds = f"--hypothesis-seed={hypothesis_core.global_force_seed}"
+  try:
+    from random_order.config import Config as RandomOrder  # pytest-random-order, if installed
+  except ImportError:
+    RandomOrder = None
+  if RandomOrder is not None and RandomOrder(config).is_enabled:
+    order = RandomOrder(config)
+    seeds += f" --random-order-bucket={order.bucket_type} --random-order-seed={order.seed}"
+  terminalreporter.write_line(f"seeds of this run (replay with): {seeds}")
 
 
 @pytest.fixture
 def key():
   """A fixed PRNG key: tests are deterministic."""
   return jax.random.key(0)
+
+
+@pytest.fixture
+def orbax_failures_finish(monkeypatch):
+  """Makes a failed orbax save or restore finish all its work before raising (orbax 0.12.8 bug).
+
+  orbax-checkpoint 0.12.8 runs every save and restore on a private event loop
+  (`asyncio_utils._run_sync_via_new_loop`) and closes it as soon as the operation raises. The
+  sibling writes or reads it started (`asyncio.gather` does not stop them when one fails) are left
+  behind: those still in tensorstore report "Event loop is closed" when they complete, and those
+  created in the loop's last iteration never start (`async_serialize_from_host.<locals>.
+  write_fragment` "was never awaited" when the garbage collector reaches it). Either report lands
+  in whichever test runs then, and fails it under `filterwarnings = error` (issue 17). Here the
+  loop runs every task started on it to completion before it is closed: the operation raises the
+  same error, and nothing of it outlives the test.
+  """
+  from orbax.checkpoint._src import asyncio_utils as orbax_asyncio
+
+  if not hasattr(orbax_asyncio, "_run_sync_via_new_loop"):
+    pytest.fail("orbax no longer has asyncio_utils._run_sync_via_new_loop: re-check issue 17")
+
+  def run_to_completion(coro):
+    loop = asyncio.new_event_loop()
+    started = []  # every task of this loop (asyncio.all_tasks races with other threads)
+
+    def task_factory(loop, coro, **kwargs):
+      started.append(asyncio.Task(coro, loop=loop, **kwargs))
+      return started[-1]
+
+    loop.set_task_factory(task_factory)
+    try:
+      asyncio.set_event_loop(loop)
+      return loop.run_until_complete(coro)
+    finally:
+      while pending := [t for t in started if not t.done()]:
+        loop.run_until_complete(asyncio.wait(pending))
+      for task in started:  # their errors are the one raised: not "never retrieved" at collection
+        if not task.cancelled():
+          task.exception()
+      asyncio.set_event_loop(None)
+      loop.close()
+
+  monkeypatch.setattr(orbax_asyncio, "_run_sync_via_new_loop", run_to_completion)

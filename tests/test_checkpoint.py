@@ -1,5 +1,6 @@
 """Tests of `sona_jax.checkpoint`: exact round trips, retention, config checks, damage fallback."""
 
+import gc
 import inspect
 import json
 import os
@@ -136,6 +137,24 @@ def test_stored_arrays_not_matching_saved_config_raise(tmp_path):
       ckpt.restore()
 
 
+def test_checkpoint_saved_before_a_new_hyperparameter_restores_with_its_default(tmp_path):
+  # Metadata written before `admission_window_s` existed: the field gets its default, and since it
+  # is a hyperparameter (not in STATE_FIELDS) a config with another value restores too.
+  assert "admission_window_s" not in checkpoint.STATE_FIELDS
+  cfg = CFG.replace(admission_window_s=60)
+  with Checkpointer(tmp_path, async_save=False) as ckpt:
+    ckpt.save(1, sona.init_state(cfg, jax.random.key(0)), cfg, time_origin=0.0)
+  path = tmp_path / "1" / "metadata" / "metadata"
+  meta = json.loads(path.read_text())
+  del meta["config"]["admission_window_s"]
+  path.write_text(json.dumps(meta))
+  with Checkpointer(tmp_path) as ckpt:
+    _, restored_cfg, _ = ckpt.restore()
+    assert restored_cfg.admission_window_s == 86_400 and restored_cfg == CFG
+    _, given_cfg, _ = ckpt.restore(cfg)
+    assert given_cfg == cfg
+
+
 def test_save_rejects_state_not_matching_config(tmp_path):
   with Checkpointer(tmp_path, async_save=False) as ckpt:
     state = sona.init_state(CFG, jax.random.key(0))
@@ -160,22 +179,14 @@ def _corrupt_arrays(step_dir):
       fh.truncate(7)
 
 
-# When one array read fails, orbax closes its private event loop while tensorstore still completes
-# the other reads; their completion callbacks then hit the closed loop and Python reports them as
-# unraisable "Event loop is closed" errors (noise on stderr, no effect on the result). Only that
-# report is ignored here.
-ORBAX_CLOSED_LOOP = pytest.mark.filterwarnings(
-  r"ignore:Exception ignored in. None[\s\S]*Event loop is closed"
-  ":pytest.PytestUnraisableExceptionWarning"
-)
+# When one array read fails, orbax-checkpoint 0.12.8 closes its private event loop with the other
+# reads still running: they would report ("Event loop is closed", a coroutine never awaited) in
+# whichever test runs when they complete or are collected (issue 17). The conftest fixture makes
+# them finish within the failed restore; `gc.collect()` at the end shows nothing is left.
+ORBAX_FAILURES_FINISH = pytest.mark.usefixtures("orbax_failures_finish")
 
 
-def _let_orbax_reads_finish():
-  """Waits for the leftover reads so their reports land in this (filtered) test, not the next."""
-  time.sleep(0.5)
-
-
-@ORBAX_CLOSED_LOOP
+@ORBAX_FAILURES_FINISH
 @pytest.mark.parametrize("damage", ["truncate_arrays", "delete_metadata"])
 def test_damaged_newest_falls_back(tmp_path, damage):
   good = _trained_state(seed=1)
@@ -196,10 +207,10 @@ def test_damaged_newest_falls_back(tmp_path, damage):
     # An explicitly requested damaged step does not fall back.
     with pytest.raises(RuntimeError, match="step 2 is damaged"):
       ckpt.restore(step=2)
-  _let_orbax_reads_finish()
+  gc.collect()  # a leftover of the failed reads would report now, in this test, as an error
 
 
-@ORBAX_CLOSED_LOOP
+@ORBAX_FAILURES_FINISH
 def test_no_good_checkpoint_is_a_clear_error(tmp_path):
   with Checkpointer(tmp_path) as ckpt:
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
@@ -210,7 +221,7 @@ def test_no_good_checkpoint_is_a_clear_error(tmp_path):
   with Checkpointer(tmp_path) as ckpt:
     with pytest.raises(RuntimeError, match="no readable checkpoint"):
       ckpt.restore()
-  _let_orbax_reads_finish()
+  gc.collect()  # as above
 
 
 def test_async_save_then_wait(tmp_path):

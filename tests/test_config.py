@@ -39,6 +39,8 @@ def test_config_is_frozen_and_hashable():
     ("signal_capacity", 0, "signal_capacity"),
     ("micro_alpha", 0.0, "micro_alpha"),
     ("min_samples", True, "min_samples must be an int"),
+    ("admission_window_s", -1, r"admission_window_s=-1 is out of range; allowed \[0, inf\]"),
+    ("admission_window_s", 3600.0, "admission_window_s must be an int"),
   ],
 )
 def test_bad_values_raise_naming_field_and_range(field, value, match):
@@ -54,6 +56,16 @@ def test_base_rank_cannot_exceed_dim():
 def test_list_tier_costs_become_a_tuple():
   cfg = sona.SonaConfig(dim=16, tier_costs=[1, 2, 3])
   assert cfg.tier_costs == (1.0, 2.0, 3.0) and hash(cfg)
+
+
+def test_admission_window_defaults_to_a_day_and_old_dicts_get_it():
+  cfg = sona.SonaConfig(dim=16)
+  assert cfg.admission_window_s == 86_400
+  assert cfg.replace(admission_window_s=0).admission_window_s == 0
+  # A config saved before the field existed (checkpoint metadata) restores with the default.
+  old = cfg.replace(admission_window_s=60).to_dict()
+  del old["admission_window_s"]
+  assert sona.SonaConfig.from_dict(old) == cfg
 
 
 def test_to_dict_round_trip_and_unknown_fields():

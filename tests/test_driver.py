@@ -40,8 +40,27 @@ def test_full_graph_evicts_lowest_value_and_logs(caplog):
   assert ids.tolist() == [0, 1, 2, 3]
   with caplog.at_level(logging.INFO, logger="sona_jax"):
     new = engine.add_memory(np.eye(8)[5], quality=0.5)
-  assert new == 1, "the lowest-quality memory should be evicted"
+  # Slot 1 (the lowest quality) is reused; the new memory's id carries the slot's generation.
+  assert sona.graph.slot_of(new, CFG.graph_capacity) == 1 and new != 1
+  slots, live = sona.graph.resolve_ids(engine.state.graph, [1, new])
+  assert np.asarray(live).tolist() == [False, True]
   assert "evicted" in caplog.text
+
+
+def test_full_graph_keeps_every_new_memory_of_a_burst():
+  # The reported bug: once full, each new memory evicted the previous one (same id every time).
+  clock = FakeClock()
+  engine = sona.Sona(CFG, key=jax.random.key(0), clock=clock)
+  engine.add_memories(np.eye(8)[:4] + 0.1, quality=[0.9, 0.1, 0.8, 0.7])
+  clock.t += 2 * 86_400  # past the admission window: the old memories are established
+  new = [engine.add_memory(np.eye(8)[4 + j] + 0.1, quality=0.5) for j in range(3)]
+  # Three distinct ids, all three newcomers alive, and only the highest-value old memory (quality
+  # 0.9, slot 0) left: the established ones went by value, the newcomers never.
+  assert len(set(new)) == 3
+  g = engine.state.graph
+  assert np.all(np.asarray(g.alive))
+  assert np.asarray(g.created).tolist() == [0] + [2 * 86_400] * 3
+  np.testing.assert_allclose(float(g.quality[0]), 0.9, rtol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ All tests share one small config (`CFG`), so Loop A, B and C compile once for th
 
 import contextlib
 import errno
+import gc
 import importlib.util
 import logging
 import math
@@ -178,8 +179,10 @@ def expected_reasons(it: sona.Interaction, alive: np.ndarray) -> int:
   ids = np.concatenate([it.used, it.unused]).astype(np.int64)
   present = ids >= 0
   n = alive.shape[0]
-  in_range = (ids >= -1) & (ids < n)
-  dead = present & in_range & ~alive[np.clip(ids, 0, n - 1)]
+  # No slot was ever reused here (generation <= 1), so the live ids are exactly the live slots;
+  # any other id >= 0 names no live memory (stale).
+  live = lambda i: 0 <= i < n and bool(alive[i])  # noqa: E731
+  stale = any(not live(i) for i in ids[present])
   dup = np.unique(ids[present]).size != int(present.sum())
   anchor = int(it.anchor)
   bits = 0
@@ -190,11 +193,12 @@ def expected_reasons(it: sona.Interaction, alive: np.ndarray) -> int:
   bits |= instant.BAD_LATENCY * (not ok_lat)
   bits |= instant.BAD_TIER * (not 0 <= int(it.tier) < CFG.n_tiers)
   bits |= instant.BAD_CONTEXT * (int(it.context_tokens) < 0)
-  bits |= instant.BAD_TIME * (int(it.time) < 0)
+  # -2**31 is `types.TIME_UNSET`: "no time given", stamped with the newest time seen.
+  bits |= instant.BAD_TIME * (int(it.time) < 0 and int(it.time) != sona.types.TIME_UNSET)
   bits |= instant.BAD_GRAD * (bool(it.has_grad) and not _finite_square(it.grad))
-  bits |= instant.BAD_IDS * bool((~in_range).any() or dead.any() or dup)
-  bad_anchor = anchor != -1 and not (0 <= anchor < n and alive[anchor])
-  bits |= instant.BAD_ANCHOR * bad_anchor
+  bits |= instant.BAD_IDS * bool((ids < -1).any() or dup)
+  bits |= instant.BAD_ANCHOR * (anchor < -1)
+  bits |= instant.BAD_STALE * bool(stale or (anchor >= 0 and not live(anchor)))
   return bits
 
 
@@ -459,13 +463,9 @@ def _shifted(state, by):
   return jax.tree.map(lambda x: x if x.dtype == jnp.bool_ else x + jnp.asarray(by, x.dtype), state)
 
 
-# When one array write fails, orbax closes its private event loop while tensorstore still
-# completes the other writes; their callbacks then report "Event loop is closed" as unraisable
-# exceptions (noise, no effect: see tests/test_checkpoint.py). Only that report is ignored.
-@pytest.mark.filterwarnings(
-  r"ignore:Exception ignored in. None[\s\S]*Event loop is closed"
-  ":pytest.PytestUnraisableExceptionWarning"
-)
+# orbax-checkpoint 0.12.8 abandons the sibling writes of a failed save on a closed event loop; they
+# would report in a later test (issue 17). The fixture makes them finish within the save.
+@pytest.mark.usefixtures("orbax_failures_finish")
 def test_a_failing_disk_write_keeps_the_last_good_checkpoint_and_serving(tmp_path):
   from sona_jax.checkpoint import Checkpointer
 
@@ -502,7 +502,8 @@ def test_a_failing_disk_write_keeps_the_last_good_checkpoint_and_serving(tmp_pat
     restored, _, meta = ck.restore()
   assert meta["step"] == 2
   _assert_bit_identical(restored, newest)
-  time.sleep(0.5)  # the failed save's leftover callbacks report here, inside the filter
+  del ck  # holds the failed save's error, and through it whatever the save left behind
+  gc.collect()  # a leftover (a never-awaited write) would report now, in this test, as an error
 
 
 class _Clock:

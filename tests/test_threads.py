@@ -76,6 +76,7 @@ def test_observations_during_a_threaded_cycle_equal_the_sequential_reference():
         time=jnp.int32(0),
         domain=jnp.int32(0),
         half_life_s=CFG.recency_half_life_s,
+        admission_window_s=CFG.admission_window_s,
       )
       ref = ref._replace(graph=g)
   assert ref_report.n_signals == report.n_signals

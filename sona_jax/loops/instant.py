@@ -51,6 +51,8 @@ __all__ = [
   "LoopAState",
   "instant_step",
   "instant_scan",
+  "step_packed",
+  "scan_packed",
   "BAD_QUERY",
   "BAD_QUALITY",
   "BAD_FEEDBACK",
@@ -62,6 +64,7 @@ __all__ = [
   "BAD_IDS",
   "BAD_ANCHOR",
   "NONFINITE_STEP",
+  "BAD_STALE",
   "REASONS",
 ]
 
@@ -73,9 +76,11 @@ BAD_TIER = 1 << 4  # tier outside [0, n_tiers)
 BAD_CONTEXT = 1 << 5  # context_tokens < 0
 BAD_TIME = 1 << 6  # time < 0
 BAD_GRAD = 1 << 7  # has_grad with a non-finite gradient
-BAD_IDS = 1 << 8  # used/unused id out of range, below -1, duplicated, or a dead node
-BAD_ANCHOR = 1 << 9  # anchor out of range or a dead node
+BAD_IDS = 1 << 8  # used/unused id below -1 or duplicated
+BAD_ANCHOR = 1 << 9  # anchor below -1
 NONFINITE_STEP = 1 << 10  # the micro-LoRA step would not be finite (e.g. a 1e38 query)
+BAD_STALE = 1 << 11  # an id or the anchor names no live memory: evicted, merged, never issued
+_PADDING = 1 << 30  # a padding row of a bucketed batch: never applied, never counted
 REASONS = {
   "BAD_QUERY": BAD_QUERY,
   "BAD_QUALITY": BAD_QUALITY,
@@ -88,6 +93,7 @@ REASONS = {
   "BAD_IDS": BAD_IDS,
   "BAD_ANCHOR": BAD_ANCHOR,
   "NONFINITE_STEP": NONFINITE_STEP,
+  "BAD_STALE": BAD_STALE,
 }
 
 # Columns of `InstantReport.values`.
@@ -155,6 +161,18 @@ def _put_row(table: jax.Array, row: jax.Array, i) -> jax.Array:
   return jax.lax.dynamic_update_index_in_dim(table, row, i, axis=0)
 
 
+def _safe_slot(ids, n_nodes: int):
+  """The slot of each id (`graph.slot_of`), 0 for padding and bad ids (their reads are masked)."""
+  return jnp.where(ids >= 0, ids % jnp.int32(n_nodes), 0)
+
+
+def _slot_ids(it: types.Interaction, n_nodes: int) -> types.Interaction:
+  """`it` with its memory ids replaced by their slots (-1 padding kept): the graph's arrays and
+  edges are indexed by slot. Validation has already rejected ids that name no live memory."""
+  slot = lambda i: jnp.where(i >= 0, i % jnp.int32(n_nodes), i)
+  return it._replace(anchor=slot(it.anchor), used=slot(it.used), unused=slot(it.unused))
+
+
 def _validate(node_tab, edges, packed, cfg: SonaConfig):
   """Reads the rows of the ids and the anchor, and checks every value (one reason bit each)."""
   it = types.unpack(packed, cfg)
@@ -163,9 +181,9 @@ def _validate(node_tab, edges, packed, cfg: SonaConfig):
   fb_given = ~jnp.isnan(fb)
   ids = jnp.concatenate([it.used, it.unused])  # [2k]
   present = ids >= 0
-  safe_ids = jnp.clip(ids, 0, n_nodes - 1)
+  safe_ids = _safe_slot(ids, n_nodes)
   anchor = it.anchor
-  safe_anchor = jnp.clip(anchor, 0, n_nodes - 1)
+  safe_anchor = _safe_slot(anchor, n_nodes)
   # Every row read from a table that is written later is read here, in one concatenation behind
   # an optimization barrier: otherwise XLA fuses the row reads into the in-place updates and must
   # copy the whole table to keep them correct (measured: 4 full-table copies, 2x slower). The
@@ -179,10 +197,17 @@ def _validate(node_tab, edges, packed, cfg: SonaConfig):
   edge_row = reads[(2 * k + 1) * node_w : (2 * k + 1) * node_w + edge_w]
   same = (ids[:, None] == ids[None, :]) & present[:, None] & present[None, :]
   same = same & ~jnp.eye(2 * k, dtype=jnp.bool_)
-  id_ok = (ids >= -1) & (ids < n_nodes) & (~present | (id_nodes[:, graph.ALIVE] != 0))
-  anchor_ok = (anchor == -1) | (
-    (anchor >= 0) & (anchor < n_nodes) & (anchor_node[graph.ALIVE] != 0)
+  # An id names a live memory when its slot is alive and its tag matches the slot's generation
+  # (`graph.memory_id`): an evicted or merged memory's id stays stale after its slot is reused.
+  tag = lambda i: i // jnp.int32(n_nodes)
+  id_live = (id_nodes[:, graph.ALIVE] != 0) & (
+    tag(ids) == graph.id_tag(id_nodes[:, graph.GENERATION], n_nodes)
   )
+  anchor_live = (anchor_node[graph.ALIVE] != 0) & (
+    tag(anchor) == graph.id_tag(anchor_node[graph.GENERATION], n_nodes)
+  )
+  id_ok = ids >= -1
+  stale = jnp.concatenate([present & ~id_live, ((anchor >= 0) & ~anchor_live)[None]])
   lat, target = it.latency_ms, it.target_latency_ms
   scalar_checks = [
     (BAD_QUALITY, jnp.isfinite(q) & (q >= 0.0) & (q <= 1.0)),
@@ -198,7 +223,7 @@ def _validate(node_tab, edges, packed, cfg: SonaConfig):
     (BAD_TIER, (it.tier >= 0) & (it.tier < cfg.n_tiers)),
     (BAD_CONTEXT, it.context_tokens >= 0),
     (BAD_TIME, it.time >= 0),
-    (BAD_ANCHOR, anchor_ok),
+    (BAD_ANCHOR, anchor >= -1),
     # A query or gradient is bad when non-finite or so large that its squared norm overflows
     # f32: one dot product checks every entry at once.
     (BAD_QUERY, jnp.isfinite(jnp.dot(x, x))),
@@ -211,6 +236,7 @@ def _validate(node_tab, edges, packed, cfg: SonaConfig):
     [
       bit(id_ok, BAD_IDS),
       bit(~same, BAD_IDS).reshape(-1),
+      bit(~stale, BAD_STALE),
       jnp.stack([bit(ok, b) for b, ok in scalar_checks]),
     ]
   )
@@ -230,6 +256,7 @@ class _Feedback(NamedTuple):
   has_grad: jax.Array  # bool
   sq_x: jax.Array  # f32 |x|^2
   sq_grad: jax.Array  # f32 |grad|^2
+  lr: jax.Array  # f32 micro-LoRA learning rate (the live knob, or `cfg.micro_lr`)
 
 
 def _feedback(base, emb, packed, cfg: SonaConfig) -> _Feedback:
@@ -240,7 +267,7 @@ def _feedback(base, emb, packed, cfg: SonaConfig) -> _Feedback:
   q_eff = jnp.where(jnp.isnan(fb), q, fb)  # explicit feedback beats the estimate
   ids = jnp.concatenate([it.used, it.unused])
   present = ids >= 0
-  safe_ids = jnp.clip(ids, 0, n_nodes - 1)
+  safe_ids = _safe_slot(ids, n_nodes)
   rows = jnp.stack([_row(emb, safe_ids[j]) for j in range(2 * k)])  # [2k, dim]
   n_used = jnp.sum(present[:k].astype(jnp.float32))
   n_unused = jnp.sum(present[k:].astype(jnp.float32))
@@ -267,10 +294,11 @@ def _feedback(base, emb, packed, cfg: SonaConfig) -> _Feedback:
     has_grad=it.has_grad,
     sq_x=jnp.dot(x, x),
     sq_grad=jnp.dot(it.grad, it.grad),
+    lr=types.packed_lr(packed, cfg),
   )
 
 
-def _feedback_batch(base, emb, its: types.Interaction, cfg: SonaConfig) -> _Feedback:
+def _feedback_batch(base, emb, its: types.Interaction, lr, cfg: SonaConfig) -> _Feedback:
   """`_feedback` for a batch (leading axis on every field), with the same values.
 
   The embedding rows are read as one gather per id slot and accumulated with their weights: on
@@ -279,7 +307,7 @@ def _feedback_batch(base, emb, its: types.Interaction, cfg: SonaConfig) -> _Feed
   n_nodes, k = cfg.graph_capacity, cfg.max_ids
   x, q, fb = its.query, its.quality, its.feedback
   q_eff = jnp.where(jnp.isnan(fb), q, fb)
-  ids = jnp.concatenate([its.used, its.unused], axis=1)  # [B, 2k]
+  ids = jnp.concatenate([its.used, its.unused], axis=1)  # [B, 2k], slots
   present = (ids >= 0).astype(jnp.float32)
   safe_ids = jnp.clip(ids, 0, n_nodes - 1)
   n_used = jnp.sum(present[:, :k], axis=1, keepdims=True)
@@ -301,6 +329,7 @@ def _feedback_batch(base, emb, its: types.Interaction, cfg: SonaConfig) -> _Feed
     has_grad=its.has_grad,
     sq_x=jnp.sum(x * x, axis=1),
     sq_grad=jnp.sum(its.grad * its.grad, axis=1),
+    lr=lr,
   )
 
 
@@ -338,7 +367,7 @@ def _learn(micro, f: _Feedback, reasons, cfg: SonaConfig):
   g = jnp.where(f.has_grad, f.grad, fb_scale * t)
   gb = jnp.where(f.has_grad, b_grad, fb_scale * bt)  # B g
   sq_g = jnp.where(f.has_grad, f.sq_grad, fb_scale * fb_scale * sq_t)
-  coef = jnp.float32(cfg.micro_lr) * active.astype(jnp.float32) * s
+  coef = f.lr * active.astype(jnp.float32) * s
   # |u v^T|_F = |u| |v|: the step norms need only the small factors.
   norm_b = jnp.abs(coef) * jnp.sqrt(jnp.dot(xa, xa) * sq_g)
   norm_a = jnp.abs(coef) * jnp.sqrt(f.sq_x * jnp.dot(gb, gb))
@@ -357,7 +386,7 @@ def _learn(micro, f: _Feedback, reasons, cfg: SonaConfig):
 
 def _edges(edges, edge_row, packed, reasons, cfg: SonaConfig):
   """Hebbian update of the anchor's edge row (seed: +5% per use, -2% per skip)."""
-  it = types.unpack(packed, cfg)
+  it = _slot_ids(types.unpack(packed, cfg), cfg.graph_capacity)
   anchor = it.anchor
   new_row, changed = graph.hebbian_row(
     edge_row,
@@ -375,7 +404,7 @@ def _edges(edges, edge_row, packed, reasons, cfg: SonaConfig):
 
 def _nodes(node_tab, id_nodes, packed, q_eff, reasons, cfg: SonaConfig):
   """Access count, last access and quality EMA of the used memories (one scatter of k rows)."""
-  it = types.unpack(packed, cfg)
+  it = _slot_ids(types.unpack(packed, cfg), cfg.graph_capacity)
   k = cfg.max_ids
   present = it.used >= 0
   safe_ids = jnp.clip(it.used, 0, cfg.graph_capacity - 1)
@@ -429,13 +458,15 @@ def _record_rows(packed, q_eff, cfg: SonaConfig):
   return signal_row, traj_row
 
 
-def _counters(counters, time, ok, updated):
-  """Adds the outcome of one interaction (scalars) or a batch (vectors) to the counters."""
+def _counters(counters, time, ok, updated, valid=True):
+  """Adds the outcome of one interaction (scalars) or a batch (vectors) to the counters; rows
+  that are not `valid` (padding) count nowhere."""
   ok_i = ok.astype(jnp.int32)
+  rejected = (valid & ~ok).astype(jnp.int32)
   idx = jnp.arange(counters.shape[0], dtype=jnp.int32)  # index masks instead of scatters
   delta = (
     jnp.where(idx == PROCESSED, jnp.sum(ok_i), 0)
-    + jnp.where(idx == REJECTED, jnp.sum(1 - ok_i), 0)
+    + jnp.where(idx == REJECTED, jnp.sum(rejected), 0)
     + jnp.where(idx == MICRO_UPDATES, jnp.sum(updated.astype(jnp.int32)), 0)
   )
   newest = jnp.max(jnp.where(ok, time, counters[LAST_TIME]))
@@ -462,6 +493,7 @@ def _step(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, c
   Phases: validate and read rows; feedback direction; micro-LoRA step; Hebbian edges; node
   statistics; records; counters. Every write is masked by the acceptance decision.
   """
+  packed = types.resolve_time(packed, cfg, sub.counters[LAST_TIME])
   reasons, id_nodes, edge_row = _validate(sub.node, sub.edges, packed, cfg)
   fbk = _feedback(base, emb, packed, cfg)
   micro, step_norm, reasons, active = _learn(sub.micro, fbk, reasons, cfg)
@@ -560,27 +592,46 @@ def _nodes_batch(node_tab, its: types.Interaction, q_eff, ok, cfg: SonaConfig):
   return node_tab.at[last].set(rows, mode="drop")
 
 
-def _scan(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, cfg: SonaConfig):
-  """Loop A over a batch `packed: f32[B, width]`, equal to B sequential `_step`s.
+def _scan(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, n_valid, cfg):
+  """Loop A over a batch `packed: f32[B, width]`, equal to B sequential `_step`s on its first
+  `n_valid` rows (the rest is padding: never applied, never counted).
 
   Only the micro-LoRA chain is inherently sequential (each step reads the adapter the previous
   one wrote), so only it runs in a `lax.scan`; validation, feedback inputs, records, Hebbian
   updates (in rounds) and node statistics (in closed form) are vectorised over the batch.
+  Interactions without a time take the newest time accepted before them, as one by one.
   """
   its = jax.vmap(lambda p: types.unpack(p, cfg))(packed)
-  # Validation reads only the ALIVE column, which Loop A never changes: vectorised is exact.
-  reasons, _, _ = jax.vmap(lambda p: _validate(sub.node, sub.edges, p, cfg))(packed)
-  fbk = _feedback_batch(base, emb, its, cfg)
+  unset = its.time == types.TIME_UNSET
+  # Validation only asks whether a time is negative: any stamp >= 0 gives the same reasons.
+  # It reads only the ALIVE and GENERATION columns, which Loop A never changes: vectorised is
+  # exact.
+  stamped = types.resolve_time(packed, cfg, sub.counters[LAST_TIME])
+  reasons, _, _ = jax.vmap(lambda p: _validate(sub.node, sub.edges, p, cfg))(stamped)
+  valid = jnp.arange(packed.shape[0], dtype=jnp.int32) < n_valid
+  reasons = jnp.where(valid, reasons, reasons | _PADDING)
+  slots = _slot_ids(its, cfg.graph_capacity)
+  fbk = _feedback_batch(base, emb, slots, types.packed_lr(packed, cfg), cfg)
 
   # The scan reads one vector block and one scalar row per step (each input is a slice per step).
   vecs = jnp.stack([fbk.x, fbk.y_base, fbk.diff, fbk.grad], axis=1)  # [B, 4, dim]
   f32 = lambda v: v.astype(jnp.float32)
   scalars = jnp.stack(
-    [fbk.q_eff, f32(fbk.open_gate), f32(fbk.has_grad), fbk.sq_x, fbk.sq_grad, _bits(reasons)],
+    [
+      fbk.q_eff,
+      f32(fbk.open_gate),
+      f32(fbk.has_grad),
+      fbk.sq_x,
+      fbk.sq_grad,
+      _bits(reasons),
+      fbk.lr,
+      _bits(jnp.where(unset, -1, its.time)),
+    ],
     axis=1,
   )
 
-  def body(micro, xs):
+  def body(carry, xs):
+    micro, newest = carry
     v, sc = xs
     f = _Feedback(
       x=v[0],
@@ -592,22 +643,31 @@ def _scan(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, c
       has_grad=sc[2] > 0,
       sq_x=sc[3],
       sq_grad=sc[4],
+      lr=sc[6],
     )
     r = jax.lax.bitcast_convert_type(sc[5], jnp.int32)
     micro, step_norm, r, active = _learn(micro, f, r, cfg)
-    return micro, jnp.stack([_bits(r), active.astype(jnp.float32), step_norm])  # one output
+    t = jax.lax.bitcast_convert_type(sc[7], jnp.int32)
+    t = jnp.where(t < 0, newest, t)  # an unset time: the newest accepted so far
+    newest = jnp.where(r == 0, jnp.maximum(newest, t), newest)
+    out = jnp.stack([_bits(r), active.astype(jnp.float32), step_norm, _bits(t)])  # one output
+    return (micro, newest), out
 
-  micro, out = jax.lax.scan(body, sub.micro, (vecs, scalars))
+  (micro, _), out = jax.lax.scan(body, (sub.micro, sub.counters[LAST_TIME]), (vecs, scalars))
   reasons = jax.lax.bitcast_convert_type(out[:, 0], jnp.int32)
   active, step_norm = out[:, 1] > 0, out[:, 2]
+  times = jnp.where(unset, jax.lax.bitcast_convert_type(out[:, 3], jnp.int32), its.time)
+  its = its._replace(time=times)
+  slots = slots._replace(time=times)
+  packed = types.resolve_time(packed, cfg, times)
   ok = reasons == 0
   updated = ok & active
-  edges, edges_changed = _edges_batch(sub.edges, its, ok, cfg)
-  node_tab = _nodes_batch(sub.node, its, fbk.q_eff, ok, cfg)
+  edges, edges_changed = _edges_batch(sub.edges, slots, ok, cfg)
+  node_tab = _nodes_batch(sub.node, slots, fbk.q_eff, ok, cfg)
   signal_rows, traj_rows = jax.vmap(lambda p, q: _record_rows(p, q, cfg))(packed, fbk.q_eff)
   signals = buffer.push_many(sub.signals, signal_rows, where=ok)
   trajectories = buffer.push_many(sub.trajectories, traj_rows, where=ok)
-  counters = _counters(sub.counters, its.time, ok, updated)
+  counters = _counters(sub.counters, its.time, ok, updated, valid)
   report = _report(ok, reasons, updated, step_norm, edges_changed)
   return LoopAState(micro, edges, node_tab, signals, trajectories, counters), report
 
@@ -635,7 +695,7 @@ def _jitted():
     logging.getLogger("sona_jax").warning("Loop A compiles without %s: %s", options, e)
     options = {}
   step = jax.jit(_step, static_argnums=4, donate_argnums=0, compiler_options=options)
-  scan = jax.jit(_scan, static_argnums=4, donate_argnums=0, compiler_options=options)
+  scan = jax.jit(_scan, static_argnums=5, donate_argnums=0, compiler_options=options)
   return step, scan
 
 
@@ -710,7 +770,17 @@ def instant_step(state: SonaState, interaction: types.Interaction, cfg: SonaConf
     (True, 1)
   """
   _check_state(state, cfg)
-  packed = types.pack(interaction, cfg)
+  return step_packed(state, types.pack(interaction, cfg), cfg)
+
+
+def step_packed(state: SonaState, packed, cfg: SonaConfig):
+  """`instant_step` on an interaction already packed (`types.pack`, then e.g. `types.stamp`).
+
+  Args:
+    state: the current `SonaState` (Loop A part donated).
+    packed: f32[packed_width(cfg)].
+    cfg: the config (static).
+  """
   step = _step if _traced(packed, state) else _jitted()[0]  # inside a user's jit: inline
   sub, report = step(_split(state), state.base, state.graph.emb, packed, cfg)
   return _merge(state, sub), InstantReport(report)
@@ -731,7 +801,22 @@ def instant_scan(state: SonaState, interactions: types.Interaction, cfg: SonaCon
     `(state, report)` with `report.values` of shape `[batch, 5]`.
   """
   _check_state(state, cfg)
-  packed = types.pack(interactions, cfg, batched=True)
+  return scan_packed(state, types.pack(interactions, cfg, batched=True), cfg)
+
+
+def scan_packed(state: SonaState, packed, cfg: SonaConfig, *, n_valid=None):
+  """`instant_scan` on packed interactions `f32[B, width]`, of which only the first `n_valid`
+  are applied and counted (the rest is padding): a caller that pads batches to a few fixed sizes
+  compiles each size once (the driver's dynamic batching does).
+
+  Args:
+    state: the current `SonaState` (Loop A part donated).
+    packed: f32[B, packed_width(cfg)].
+    cfg: the config (static).
+    n_valid: how many leading rows are real (all when None); traced, so it never recompiles.
+  """
+  n = packed.shape[0] if n_valid is None else n_valid
+  n = jnp.asarray(n, jnp.int32)
   scan = _scan if _traced(packed, state) else _jitted()[1]
-  sub, report = scan(_split(state), state.base, state.graph.emb, packed, cfg)
+  sub, report = scan(_split(state), state.base, state.graph.emb, packed, n, cfg)
   return _merge(state, sub), InstantReport(report)
