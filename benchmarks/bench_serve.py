@@ -683,7 +683,14 @@ def main(argv=None) -> int:
   p.add_argument("--speedup", type=float, default=1800.0, help="simulated s per wall s")
   p.add_argument("--memories", type=int, default=None, help="memories added before the load")
   p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/serve.json)")
+  p.add_argument(
+    "--low-latency",
+    action="store_true",
+    help="sona.configure_cpu_low_latency() first (as a latency-bound CPU server would)",
+  )
   a = p.parse_args(argv)
+  if a.low_latency:
+    sona.configure_cpu_low_latency()
   logging.getLogger("sona_jax").setLevel(logging.WARNING)
   result = run(
     dim=a.dim or (32 if a.quick else 768),
@@ -695,6 +702,7 @@ def main(argv=None) -> int:
     speedup=a.speedup,
     n_memories=a.memories or (64 if a.quick else 1024),
   )
+  result["config"]["low_latency"] = bool(a.low_latency)
   print(result["table"])
   c = result["http"]["checks"]
   b = c["balance"]

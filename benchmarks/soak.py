@@ -234,6 +234,13 @@ def check_invariants(state: sona.SonaState, cfg: sona.SonaConfig) -> list[str]:
 # ------------------------------------------------------------------------------------ stream
 
 
+def _live_ids(state) -> np.ndarray:
+  """The ids of the live memories (`graph.memory_ids`): a recycled slot's id carries its
+  generation, so slot numbers alone would name evicted memories (rejected as stale)."""
+  ids = np.asarray(sona.graph.memory_ids(state.graph))
+  return ids[ids >= 0]
+
+
 class Stream:
   """Batches of interactions over the live memories, with a fraction of deliberately bad ones.
 
@@ -464,7 +471,7 @@ def run_soak(
   rng = np.random.default_rng(seed + 1)
   mem = rng.standard_normal((int(cfg.graph_capacity * 0.75), cfg.dim)).astype(np.float32)
   engine.add_memories(mem, quality=rng.uniform(0.2, 0.9, size=mem.shape[0]), time=0)
-  alive_ids = np.flatnonzero(np.asarray(engine.state.graph.alive))
+  alive_ids = _live_ids(engine.state)
   stream = Stream(cfg, seed + 2, bad_fraction)
 
   received = rejected_seen = bad_sent = mismatched = 0
@@ -515,7 +522,7 @@ def run_soak(
         with cc.phase("checkpoint"):
           engine.wait_checkpoints()
       state = engine.state
-      alive_ids = np.flatnonzero(np.asarray(state.graph.alive))
+      alive_ids = _live_ids(state)
       t0 = time.perf_counter()
       problems = check_invariants(state, cfg)
       seconds["checks"] += time.perf_counter() - t0

@@ -263,37 +263,52 @@ class _RWLock:
           if self._readers == 0:
             self._cond.notify_all()
 
-  @contextlib.contextmanager
-  def write(self):
+  def acquire_write(self) -> None:
     me = threading.get_ident()
     with self._cond:
       if self._writer == me:
         self._depth += 1
-      else:
-        self._writers_waiting += 1
-        while self._writer is not None or self._readers:
-          self._cond.wait()
-        self._writers_waiting -= 1
-        self._writer, self._depth = me, 1
+        return
+      self._writers_waiting += 1
+      while self._writer is not None or self._readers:
+        self._cond.wait()
+      self._writers_waiting -= 1
+      self._writer, self._depth = me, 1
+
+  def release_write(self) -> None:
+    with self._cond:
+      self._depth -= 1
+      if self._depth == 0:
+        self._writer = None
+        self._cond.notify_all()
+
+  @contextlib.contextmanager
+  def write(self):
+    self.acquire_write()
     try:
       yield
     finally:
-      with self._cond:
-        self._depth -= 1
-        if self._depth == 0:
-          self._writer = None
-          self._cond.notify_all()
+      self.release_write()
 
 
 class _Ticket:
   """One `observe`/`observe_many` call waiting in the dynamic batch."""
 
-  __slots__ = ("packed", "rows", "report", "error", "done")
+  __slots__ = ("packed", "rows", "report", "error", "done", "wake")
+
+  _events = threading.local()
 
   def __init__(self, packed: np.ndarray, rows: int | None):
     self.packed, self.rows = packed, rows  # rows None: one unbatched interaction
     self.report = self.error = None
     self.done = False
+    # Set when applied, or when this caller is to lead. One event per thread, reused: a thread
+    # has one call in flight, and no one sets its event after that call returned.
+    wake = getattr(_Ticket._events, "wake", None)
+    if wake is None:
+      wake = _Ticket._events.wake = threading.Event()
+    wake.clear()
+    self.wake = wake
 
 
 class MemoryEvent(NamedTuple):
@@ -429,6 +444,7 @@ class Sona:
     self._route_lock = threading.Lock()
     self._pending_lock = threading.Lock()
     self._pending: list[_Ticket] = []
+    self._leading = False  # a caller is applying a batch (guarded by _pending_lock)
     self.batching = bool(batching)
     self.max_batch = int(max_batch)
     self._knobs = Knobs.from_config(cfg)
@@ -652,17 +668,42 @@ class Sona:
     return self._submit(_Ticket(packed, packed.shape[0]))
 
   def _submit(self, ticket: _Ticket):
+    """Applies `ticket`, alone or coalesced (flat combining: one caller at a time leads).
+
+    The leader takes every waiting ticket, applies them as one batch under the write lock, wakes
+    their callers, and hands the lead to the oldest ticket that arrived meanwhile; a lone caller
+    leads at once and takes the single-step path."""
     if not self.batching:
       with self._rw.write():
         self._run_tickets([ticket])
     else:
       with self._pending_lock:
         self._pending.append(ticket)
-      with self._rw.write():
-        if not ticket.done:  # else an earlier caller applied it in its batch
+        lead = not self._leading
+        self._leading = True
+      if not lead:
+        ticket.wake.wait()
+        lead = not ticket.done  # woken to lead: the previous leader handed over
+      if lead:
+        with self._pending_lock:
+          tickets, self._pending = self._pending, []
+        try:
+          self._rw.acquire_write()
+          try:
+            self._run_tickets(tickets)
+          finally:
+            self._rw.release_write()
+        finally:
+          for t in tickets:
+            if not t.done:  # interrupted before the batch ran: its callers must hear of it
+              t.error, t.done = RuntimeError("Sona.observe: interrupted before it ran"), True
+            if t is not ticket:
+              t.wake.set()
           with self._pending_lock:
-            tickets, self._pending = self._pending, []
-          self._run_tickets(tickets)
+            nxt = self._pending[0] if self._pending else None
+            self._leading = nxt is not None
+          if nxt is not None:
+            nxt.wake.set()
     if ticket.error is not None:
       raise ticket.error
     return ticket.report
@@ -673,7 +714,10 @@ class Sona:
       if len(tickets) == 1 and tickets[0].rows is None:
         packed = tickets[0].packed
         self._batch_sizes[1] += 1
-        tickets[0].report = self._apply(lambda s: step_packed(s, packed, self.cfg))
+        report = self._apply(lambda s: step_packed(s, packed, self.cfg))
+        # Host values: reading `report.accepted` is then free (on a device array each field read
+        # is a dispatch of its own, ~100 us on CPU).
+        tickets[0].report = InstantReport(np.asarray(report.values))
         return
       rows = np.concatenate([t.packed[None] if t.rows is None else t.packed for t in tickets])
       values = []

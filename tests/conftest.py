@@ -35,6 +35,22 @@ def pytest_terminal_summary(terminalreporter, config):
   terminalreporter.write_line(f"seeds of this run (replay with): {seeds}")
 
 
+# Long end-to-end runs, marked `slow` here in one place: a plain `pytest` leaves them out (pyproject
+# addopts `-m 'not slow'`), `pytest -m slow` runs them, and .ci/run runs both.
+SLOW = {
+  ("test_cli.py", "test_week_demo_writes_report_plots_and_checkpoint_and_shows_learning"),
+  ("test_cli.py", "test_demo_runs_and_reports_learning"),
+  ("test_schedule.py", "test_two_simulated_weeks_run_loop_b_hourly_and_loop_c_twice"),
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if (item.path.name, getattr(item, "originalname", item.name)) in SLOW:
+      item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def key():
   """A fixed PRNG key: tests are deterministic."""
@@ -74,7 +90,9 @@ def orbax_failures_finish(monkeypatch):
       return loop.run_until_complete(coro)
     finally:
       while pending := [t for t in started if not t.done()]:
-        loop.run_until_complete(asyncio.wait(pending))
+        _, stuck = loop.run_until_complete(asyncio.wait(pending, timeout=60))
+        for task in stuck:  # not seen: cancelled as asyncio.run would, rather than hang the suite
+          task.cancel()
       for task in started:  # their errors are the one raised: not "never retrieved" at collection
         if not task.cancelled():
           task.exception()

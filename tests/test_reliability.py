@@ -502,8 +502,7 @@ def test_a_failing_disk_write_keeps_the_last_good_checkpoint_and_serving(tmp_pat
     restored, _, meta = ck.restore()
   assert meta["step"] == 2
   _assert_bit_identical(restored, newest)
-  del ck  # holds the failed save's error, and through it whatever the save left behind
-  gc.collect()  # a leftover (a never-awaited write) would report now, in this test, as an error
+  gc.collect()  # a leftover of the failed save would report now, in this test, as an error
 
 
 class _Clock:
