@@ -360,7 +360,7 @@ class Knobs:
     return self
 
 
-_BUCKETS = (2, 4, 8, 16, 32, 64, 128, 256)
+_BUCKETS = tuple(2**i for i in range(1, 13))  # 2, 4, ..., 4096
 _EVENT_QUEUE = 65_536  # memory events kept for `memory_events()` before the oldest are dropped
 
 
@@ -381,7 +381,7 @@ class Sona:
   **Dynamic batching.** With `batching=True` (the default), `observe` calls that arrive while
   another is being applied are coalesced: the next caller to get the state applies every waiting
   interaction, in arrival order, as one `instant_scan` (sequential semantics: the same result as
-  one by one), padded to a few fixed sizes (2, 4, ..., `max_batch`) so no batch size compiles
+  one by one), padded to the next power of two (2, 4, ..., `max_batch`) so no batch size compiles
   twice. A lone caller takes the single-step path unchanged.
 
   **Memory ids.** `add_memory`/`add_memories` return ids that name a memory until it is evicted
@@ -399,7 +399,8 @@ class Sona:
       an interaction made without a time (`make_interaction(..., time=None)`, the default) is
       stamped with this clock when it arrives.
     batching: coalesce concurrent `observe` calls (see above).
-    max_batch: the largest coalesced batch (a power of two in 2..256).
+    max_batch: the largest batch one Loop A call takes (a power of two in 2..4096); larger ones
+      (`observe_many` of more) are applied in chunks of this size, in order.
     on_memory_event: called with each `MemoryEvent`, outside the driver's locks, in the thread
       that caused it (an exception it raises is logged, not propagated).
     transcript: keep every state transition in order, so `replay` can recompute the state from a
@@ -425,7 +426,7 @@ class Sona:
     checkpoint_dir: str | None = None,
     clock: Callable[[], float] | None = None,
     batching: bool = True,
-    max_batch: int = 64,
+    max_batch: int = 4096,
     on_memory_event: Callable[[MemoryEvent], None] | None = None,
     transcript: bool = False,
   ):
@@ -744,12 +745,13 @@ class Sona:
       for t in tickets:
         t.done = True
 
-  def warmup(self) -> None:
-    """Compiles Loop A's single step and every batch size dynamic batching can use, now, so no
-    request pays for a compilation later. Changes nothing in the state."""
+  def warmup(self, max_size: int = 64) -> None:
+    """Compiles Loop A's single step and the padded batch sizes up to `max_size` (those that
+    concurrent single `observe` calls coalesce into), now, so no request pays for a compilation
+    later. Changes nothing in the state."""
     width = types.packed_width(self.cfg)
     with self._rw.write():
-      for size in (b for b in _BUCKETS if b <= self.max_batch):
+      for size in (b for b in _BUCKETS if b <= min(max_size, self.max_batch)):
         self._state, _ = scan_packed(
           self._state, np.zeros((size, width), np.float32), self.cfg, n_valid=0
         )

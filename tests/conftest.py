@@ -19,8 +19,17 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 @pytest.hookimpl(trylast=True)  # after hypothesis' plugin has read `--hypothesis-seed`
 def pytest_configure(config):
-  if hypothesis_core.global_force_seed is None:
+  worker = getattr(config, "workerinput", None)  # a pytest-xdist worker: the controller's seed
+  if worker is not None and "sona_hypothesis_seed" in worker:
+    hypothesis_core.global_force_seed = worker["sona_hypothesis_seed"]
+  elif hypothesis_core.global_force_seed is None:
     hypothesis_core.global_force_seed = random.SystemRandom().randrange(2**32)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+  """pytest-xdist: every worker draws with the seed the controller prints."""
+  node.workerinput["sona_hypothesis_seed"] = hypothesis_core.global_force_seed
 
 
 def pytest_terminal_summary(terminalreporter, config):
