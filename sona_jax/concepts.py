@@ -74,7 +74,8 @@ class AbstractionReport(NamedTuple):
     meta_members: number of level-0 patterns below each.
     meta_children: number of direct children of each (level-0 patterns or meta-patterns).
     confidence: cohesion of each meta-pattern in [0, 1] (see `abstract_patterns`).
-    skipped: qualifying clusters not made into meta-patterns (cap or no slot).
+    skipped: qualifying clusters not made into meta-patterns (cap or no slot, or left with too
+      few children by the patterns evicted to make room).
     evicted_ids: level-0 pattern slots evicted to make room (reused by meta-patterns).
     seconds: wall times, keys `ward`, `build`, `total`.
   """
@@ -313,7 +314,20 @@ def abstract_patterns(
     b.parent[slot] = made_ancestor(n0 + j)
     b.alive[slot] = True
     meta.append({"slot": slot, "level": c["level"], "members": mem, "cohesion": cohesion})
-  n_children = np.bincount(b.parent[b.alive & (b.parent >= 0)], minlength=b.alive.shape[0])
+  # Patterns evicted above to free slots may have been children: a meta-pattern left with too few
+  # children is dissolved (its children go to its parent), the lowest level first, until every
+  # remaining one has more than `min_cluster` children.
+  while True:
+    n_children = np.bincount(b.parent[b.alive & (b.parent >= 0)], minlength=b.alive.shape[0])
+    weak = [m for m in meta if n_children[m["slot"]] <= min_cluster]
+    if not weak:
+      break
+    m = min(weak, key=lambda m: (m["level"], m["slot"]))
+    slot = m["slot"]
+    b.parent[b.alive & (b.parent == slot)] = b.parent[slot]
+    b.alive[slot], b.level[slot], b.size[slot], b.parent[slot] = False, 0, 0.0, -1
+    meta = [o for o in meta if o is not m]
+    skipped += 1
   for m in meta:
     m["n_children"] = n_children[m["slot"]]
   t_build = time.perf_counter() - t1
