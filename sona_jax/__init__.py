@@ -47,7 +47,7 @@ _LAZY = {
   "background_step_tenants": ("sona_jax.tenants", "background_step_tenants"),
   "background_step_sharded": ("sona_jax.sharding", "background_step_sharded"),
   "make_mesh": ("sona_jax.sharding", "make_mesh"),
-  "TenantCheckpointer": ("sona_jax.sharding", "TenantCheckpointer"),
+  "TenantCheckpointer": ("sona_jax.checkpoint", "TenantCheckpointer"),
 }
 
 

@@ -16,7 +16,8 @@ runs (GSPMD), inserting the collectives.
   seeding and the re-seeding of empty clusters read rows of a gathered copy of the normalised
   points, taken once per cycle). The result equals `background_step` on one device up to float
   rounding (`tests/test_sharding.py`).
-- **Checkpoints** (`TenantCheckpointer`): orbax writes each shard from the process that holds it
+- **Checkpoints** (`TenantCheckpointer`, defined in `sona_jax.checkpoint` with `Checkpointer`'s
+  checks and fallback, re-exported here): orbax writes each shard from the process that holds it
   and restores onto whatever target sharding it is given, so a state saved from 8 devices
   restores onto 1 or 4.
 
@@ -28,21 +29,17 @@ fully addressable, and nothing here assumes one process.
 from __future__ import annotations
 
 import functools
-import json
-import math
-import os
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sona_jax import buffer, ewc, router, tenants, types
-from sona_jax import checkpoint as ckpt
+from sona_jax.checkpoint import TenantCheckpointer
 from sona_jax.config import SonaConfig
 from sona_jax.loops import background as loop_b
 from sona_jax.state import SonaState, router_apply, router_optimizer
@@ -319,163 +316,3 @@ def background_step_sharded(
     seconds=seconds,
   )
   return new_state, report
-
-
-# -------------------------------------------------------------------------------- checkpoints
-
-_STATE = "state"
-_METADATA = "metadata"
-
-
-class TenantCheckpointer:
-  """Saves and restores tenant-stacked (possibly sharded) states with orbax.
-
-  The layout is `Checkpointer`'s (a `state` item written with `StandardSave` and a JSON `metadata`
-  item with the config, the number of tenants, the library version and the time origin), so the
-  same safety holds: no pickle, shapes and dtypes checked against `init_tenants(saved config)`
-  before any array is read. Each process writes the shards it holds. `restore` lays the arrays
-  out on the `sharding` it is given, whatever the device count at save time: orbax reads each
-  device's part directly.
-
-  Args:
-    directory: the checkpoint directory (created if missing).
-    max_to_keep: most recent steps kept; None keeps all.
-    async_save: write in a background thread (`wait()` before reading the directory).
-  """
-
-  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save=True):
-    self.directory = os.path.abspath(os.fspath(directory))
-    self._manager = ocp.CheckpointManager(
-      self.directory,
-      options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=bool(async_save), create=True
-      ),
-      item_handlers={
-        _STATE: ocp.StandardCheckpointHandler(),
-        _METADATA: ocp.JsonCheckpointHandler(),
-      },
-    )
-
-  def save(
-    self,
-    step: int,
-    states: SonaState,
-    cfg: SonaConfig,
-    *,
-    time_origin: float = 0.0,
-    extra: dict | None = None,
-  ) -> None:
-    """Writes tenant-stacked `states` as checkpoint `step` (every process must call it).
-
-    Raises:
-      ValueError: bad `step` or `time_origin`, or `states` do not match `cfg`.
-    """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-      raise ValueError(f"TenantCheckpointer.save: step must be a non-negative int, got {step!r}")
-    n = tenants._check_stacked(states, cfg, "TenantCheckpointer.save")
-    if not math.isfinite(float(time_origin)):
-      raise ValueError(f"TenantCheckpointer.save: time_origin must be finite, got {time_origin}")
-    problems = ckpt._spec_mismatches(ckpt._leaf_specs(states), ckpt._leaf_specs(_target(cfg, n)))
-    if problems:
-      raise ValueError("TenantCheckpointer.save: states do not match cfg: " + "; ".join(problems))
-    metadata = {
-      "config": cfg.to_dict(),
-      "n_tenants": n,
-      "version": ckpt._version(),
-      "time_origin": float(time_origin),
-      "step": step,
-      "extra": {} if extra is None else extra,
-    }
-    json.dumps(metadata, allow_nan=False)
-    self._manager.save(
-      step,
-      args=ocp.args.Composite(
-        **{_STATE: ocp.args.StandardSave(states), _METADATA: ocp.args.JsonSave(metadata)}
-      ),
-    )
-
-  def wait(self) -> None:
-    """Blocks until pending asynchronous saves are on disk."""
-    self._manager.wait_until_finished()
-
-  def all_steps(self) -> list[int]:
-    """Every step on disk, ascending."""
-    return sorted(self._manager.all_steps())
-
-  def restore(
-    self,
-    cfg: SonaConfig | None = None,
-    *,
-    step: int | None = None,
-    sharding: jax.sharding.Sharding | None = None,
-  ) -> tuple[SonaState, SonaConfig, dict]:
-    """Reads tenant-stacked states back, laid out on `sharding`.
-
-    Args:
-      cfg: the config to run with; it must agree with the saved one on `checkpoint.STATE_FIELDS`.
-        None returns the saved config.
-      step: the step; None for the newest.
-      sharding: the target layout of every leaf, e.g. `tenant_sharding(make_mesh(4))` (the number
-        of tenants must split evenly over it). None: the first local device.
-
-    Returns:
-      `(states, cfg, metadata)`.
-
-    Raises:
-      FileNotFoundError: no checkpoint, or no such step.
-      ValueError: `cfg` is incompatible with the saved config, or the stored arrays do not match.
-    """
-    self.wait()
-    steps = self.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"TenantCheckpointer.restore: no checkpoint in {self.directory}")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-      raise FileNotFoundError(
-        f"TenantCheckpointer.restore: step {step!r} not in {self.directory}; steps: {steps}"
-      )
-    restored = self._manager.restore(
-      step, args=ocp.args.Composite(**{_METADATA: ocp.args.JsonRestore()})
-    )
-    metadata = restored[_METADATA]
-    saved = SonaConfig.from_dict(metadata["config"])
-    if cfg is not None:
-      bad = ckpt._incompatible_fields(cfg, saved)
-      if bad:
-        raise ValueError(
-          f"TenantCheckpointer.restore: step {step} was saved with an incompatible config: "
-          + ", ".join(f"{f}={getattr(saved, f)!r} (given {getattr(cfg, f)!r})" for f in bad)
-        )
-    n = int(metadata["n_tenants"])
-    if sharding is None:
-      sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), _target(saved, n)
-    )
-    stored = ckpt._leaf_specs(self._manager.item_metadata(step)[_STATE])
-    problems = ckpt._spec_mismatches(stored, ckpt._leaf_specs(target))
-    if problems:
-      raise ValueError(
-        f"TenantCheckpointer.restore: step {step} does not match its saved config: "
-        + "; ".join(problems[:10])
-      )
-    restored = self._manager.restore(
-      step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
-    )
-    return restored[_STATE], (saved if cfg is None else cfg), metadata
-
-  def close(self) -> None:
-    """Waits for pending saves and releases the manager."""
-    self._manager.wait_until_finished()
-    self._manager.close()
-
-  def __enter__(self) -> TenantCheckpointer:
-    return self
-
-  def __exit__(self, *exc_info: Any) -> None:
-    self.close()
-
-
-@functools.cache
-def _target(cfg: SonaConfig, n: int) -> SonaState:
-  return jax.eval_shape(lambda: tenants.init_tenants(cfg, jax.random.key(0), n))

@@ -48,6 +48,7 @@ __all__ = [
   "TenantsBackgroundReport",
   "adapt_tenants",
   "background_step_tenants",
+  "check_stacked",
   "init_tenants",
   "instant_step_tenants",
   "n_tenants",
@@ -65,7 +66,14 @@ def n_tenants(states: SonaState) -> int:
   return int(states.metrics.counters.shape[0])
 
 
-def _check_stacked(states: SonaState, cfg: SonaConfig, where: str) -> int:
+def check_stacked(states: SonaState, cfg: SonaConfig, where: str) -> int:
+  """Checks that `states` are tenants stacked under `cfg`; returns their number.
+
+  Raises:
+    TypeError: `states` is not a `SonaState` or `cfg` not a `SonaConfig`.
+    ValueError: no leading tenant axis, or shapes that `cfg` does not give (`where` starts the
+      message).
+  """
   if not isinstance(cfg, SonaConfig):
     raise TypeError(f"{where}: cfg must be a SonaConfig, got {type(cfg).__name__}")
   if not isinstance(states, SonaState):
@@ -155,7 +163,7 @@ def adapt_tenants(states: SonaState, x, tenant_ids, cfg: SonaConfig) -> jax.Arra
   Returns:
     f32[B, dim]: `x + delta_base_t(x) + delta_micro_t(x)` with `t` the row's tenant.
   """
-  n = _check_stacked(states, cfg, "adapt_tenants")
+  n = check_stacked(states, cfg, "adapt_tenants")
   x = jnp.asarray(x, jnp.float32)
   if x.ndim != 2 or x.shape[1] != cfg.dim:
     raise ValueError(f"adapt_tenants: x has shape {x.shape}; expected [batch, {cfg.dim}]")
@@ -272,7 +280,7 @@ def instant_step_tenants(
     `(states, report)`: the new states and an `InstantReport` with `values` `[batch, 5]`, in the
     order of the batch.
   """
-  n = _check_stacked(states, cfg, "instant_step_tenants")
+  n = check_stacked(states, cfg, "instant_step_tenants")
   packed = types.pack(interactions, cfg, batched=True)
   batch = int(packed.shape[0])
   tids = _check_ids(tenant_ids, batch, n, "instant_step_tenants")
@@ -444,7 +452,7 @@ def background_step_tenants(states: SonaState, cfg: SonaConfig, now, *, force: b
   Returns:
     `(states, TenantsBackgroundReport)`.
   """
-  n = _check_stacked(states, cfg, "background_step_tenants")
+  n = check_stacked(states, cfg, "background_step_tenants")
   ph = _phases(cfg)
   need = 1 if force else cfg.min_samples
   waiting_dev = ph.waiting(states.signals)

@@ -80,6 +80,10 @@ CHILD = textwrap.dedent(
 
   info = {"devices": jax.device_count()}
   mesh = sharding.make_mesh()
+  try:  # 12 tenants do not split over 8 devices
+    sharding.shard_tenants(tenants.init_tenants(CFG, jax.random.key(0), 12), mesh)
+  except ValueError as e:
+    info["indivisible"] = str(e)
   # Tenants sharded over 8 devices: Loop A twice, then Loop B.
   states = tenants.init_tenants(CFG, jax.random.key(0), 8, sharding=sharding.tenant_sharding(mesh))
   for b, tids in enumerate(tenant_ids(5)):
@@ -208,14 +212,20 @@ def _unsharded_tenants():
 
 
 def test_mesh_over_forced_devices_and_shard_tenants_checks_divisibility(child):
-  # (`child` starts the 8-device subprocess now, to run beside this process.)
+  # (`child` starts the 8-device subprocess now, to run beside this process.) This process has
+  # whatever devices the host gives it (1 on a plain CPU run, 8 under XLA_FLAGS' forced count).
+  n = jax.device_count()
   mesh = sharding.make_mesh()
-  assert mesh.axis_names == (sharding.AXIS,) and mesh.devices.size == jax.device_count()
-  with pytest.raises(ValueError, match="only 1 devices"):
-    sharding.make_mesh(2)
+  assert mesh.axis_names == (sharding.AXIS,) and mesh.devices.size == n
+  with pytest.raises(ValueError, match=f"only {n} devices"):
+    sharding.make_mesh(n + 1)
+  k = max(d for d in range(1, n + 1) if N_TENANTS % d == 0)  # the largest mesh the tenants fill
   states = tenants.init_tenants(CFG, jax.random.key(0), N_TENANTS)
-  sharded = sharding.shard_tenants(states, mesh)
+  sharded = sharding.shard_tenants(states, sharding.make_mesh(k))
   assert sharded.graph.emb.sharding.spec == jax.sharding.PartitionSpec(sharding.AXIS)
+  assert len(sharded.graph.emb.sharding.device_set) == k
+  _, info = child()  # 8 devices there: 12 tenants do not split evenly, and the error says so
+  assert "12 tenants do not split evenly over 8 devices" in info["indivisible"]
 
 
 def test_sharded_tenants_loop_a_and_loop_b_equal_one_device_and_stay_sharded(child):

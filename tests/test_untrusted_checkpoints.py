@@ -7,6 +7,9 @@ file), must refuse a state tree with wrong shapes, dtypes, extra or missing leav
 `ValueError` naming the leaf, and must refuse malformed metadata (a damaged step is skipped with a
 warning when an older good step exists, else a `RuntimeError`). Either way the crafted data never
 becomes a driver's state, and the directory is left as it was.
+
+The checks run against both checkpointers: `Checkpointer` (through the driver, which uses it) and
+`TenantCheckpointer` (tenant-stacked states), which share one implementation.
 """
 
 import ast
@@ -30,7 +33,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 import sona_jax as sona
-from sona_jax.checkpoint import Checkpointer
+from sona_jax import tenants
+from sona_jax.checkpoint import Checkpointer, TenantCheckpointer
 
 CFG = sona.SonaConfig(
   dim=8,
@@ -50,12 +54,21 @@ def _clock():
   return NOW + 10.0
 
 
+N_TENANTS = 2
+KINDS = ["one state", "tenants"]
+
+
 def _state(seed=0):
   return sona.init_state(CFG, jax.random.key(seed))
 
 
-def _good_metadata(step: int) -> dict:
-  return dict(config=CFG.to_dict(), version=sona.__version__, time_origin=NOW, step=step, extra={})
+def _tenant_states(seed=0):
+  return tenants.init_tenants(CFG, jax.random.key(seed), N_TENANTS)
+
+
+def _good_metadata(step: int, kind: str = "one state") -> dict:
+  m = dict(config=CFG.to_dict(), version=sona.__version__, time_origin=NOW, step=step, extra={})
+  return m if kind == "one state" else m | {"n_tenants": N_TENANTS}
 
 
 def _craft(directory, step: int, tree, metadata) -> None:
@@ -127,65 +140,87 @@ def _as_dict(nt):
   return dict(nt._asdict())
 
 
-STATE = _state()
+def _lead(kind: str) -> str:
+  """The shape prefix of a leaf in the error messages: the tenant axis for tenant states."""
+  return "" if kind == "one state" else f"{N_TENANTS}, "
+
+
+def _full(state, shape, dtype):
+  """An array of `shape` behind the state's batch axes (none, or the tenant axis)."""
+  batch = state.metrics.counters.shape[:-1]
+  return jnp.zeros(batch + shape, dtype)
+
+
 CRAFTED_TREES = {
   "float64 leaf": (
-    STATE._replace(micro=STATE.micro._replace(a=np.asarray(STATE.micro.a, np.float64))),
-    r"micro\.a: float64\[8, 2\], expected float32\[8, 2\]",
+    lambda st: st._replace(micro=st.micro._replace(a=np.asarray(st.micro.a, np.float64))),
+    r"micro\.a: float64\[{L}8, 2\], expected float32\[{L}8, 2\]",
   ),
   "wrong shape": (
-    STATE._replace(micro=STATE.micro._replace(a=jnp.zeros((9, 2), jnp.float32))),
-    r"micro\.a: float32\[9, 2\], expected float32\[8, 2\]",
+    lambda st: st._replace(micro=st.micro._replace(a=_full(st, (9, 2), jnp.float32))),
+    r"micro\.a: float32\[{L}9, 2\], expected float32\[{L}8, 2\]",
   ),
   "extra leaf": (
-    STATE._replace(micro=_as_dict(STATE.micro) | {"payload": jnp.zeros(3, jnp.float32)}),
+    lambda st: st._replace(micro=_as_dict(st.micro) | {"payload": jnp.zeros(3, jnp.float32)}),
     r"micro\.payload: unexpected leaf",
   ),
   "missing leaf": (
-    STATE._replace(micro={"a": STATE.micro.a}),
+    lambda st: st._replace(micro={"a": st.micro.a}),
     r"micro\.b: missing",
   ),
   "counters as float": (
-    STATE._replace(metrics=STATE.metrics._replace(counters=jnp.zeros(4, jnp.float32))),
-    r"metrics\.counters: float32\[4\], expected int32\[4\]",
+    lambda st: st._replace(metrics=st.metrics._replace(counters=_full(st, (4,), jnp.float32))),
+    r"metrics\.counters: float32\[{L}4\], expected int32\[{L}4\]",
   ),
   "bool as int8": (
-    STATE._replace(bank=STATE.bank._replace(alive=np.zeros(CFG.bank_capacity, np.int8))),
-    r"bank\.alive: int8\[4\], expected bool\[4\]",
+    lambda st: st._replace(bank=st.bank._replace(alive=_full(st, (CFG.bank_capacity,), jnp.int8))),
+    r"bank\.alive: int8\[{L}4\], expected bool\[{L}4\]",
   ),
   "scalar for an array": (
-    STATE._replace(router_proj=jnp.float32(1.0)),
-    r"router_proj: float32\[\], expected float32\[8, 16\]",
+    lambda st: st._replace(router_proj=jnp.float32(1.0)),
+    r"router_proj: float32\[\], expected float32\[{L}8, 16\]",
   ),
   "flat list of leaves": (
-    list(jax.tree.leaves(STATE)),
+    lambda st: list(jax.tree.leaves(st)),
     r"bank\.access_count: missing",
   ),
   "wider key data": (
-    STATE._replace(key=jnp.zeros(4, jnp.uint32)),
-    r"key: uint32\[4\], expected uint32\[2\]",
+    lambda st: st._replace(key=_full(st, (4,), jnp.uint32)),
+    r"key: uint32\[{L}4\], expected uint32\[{L}2\]",
   ),
 }
 
 
+def _restore_kind(kind: str, directory):
+  """Restores `directory` as a user of `kind` would: the driver, or a `TenantCheckpointer`."""
+  if kind == "one state":
+    return sona.Sona.restore(os.fspath(directory), clock=_clock)  # it calls Checkpointer.restore
+  with TenantCheckpointer(directory) as ck:
+    return ck.restore()
+
+
 @pytest.fixture(scope="module")
 def good_step_1(tmp_path_factory):
-  """A directory holding one good checkpoint, step 1."""
-  d = tmp_path_factory.mktemp("good_step_1")
-  _craft(d, 1, _state(seed=1), _good_metadata(1))
-  return d
+  """Directories holding one good checkpoint, step 1, of each kind."""
+  out = {}
+  for kind, states in (("one state", _state(seed=1)), ("tenants", _tenant_states(seed=1))):
+    out[kind] = tmp_path_factory.mktemp("good_step_1")
+    _craft(out[kind], 1, states, _good_metadata(1, kind))
+  return out
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("case", list(CRAFTED_TREES), ids=list(CRAFTED_TREES))
-def test_crafted_state_tree_is_a_clear_error_and_loads_nothing(tmp_path, good_step_1, case):
-  tree, match = CRAFTED_TREES[case]
+def test_crafted_state_tree_is_a_clear_error_and_loads_nothing(tmp_path, good_step_1, case, kind):
+  make, match = CRAFTED_TREES[case]
   d = tmp_path / "ck"
-  shutil.copytree(good_step_1, d)  # an older good step, which must not be used silently instead
-  _craft(d, 2, tree, _good_metadata(2))
+  shutil.copytree(good_step_1[kind], d)  # an older good step, which must not be used silently
+  good = _state() if kind == "one state" else _tenant_states()
+  _craft(d, 2, make(good), _good_metadata(2, kind))
   before = _digest(d)
   with pytest.raises(ValueError, match=r"checkpoint step 2 .*does not match") as err:
-    sona.Sona.restore(os.fspath(d), clock=_clock)  # the driver; it calls Checkpointer.restore
-  assert re.search(match, str(err.value)), str(err.value)
+    _restore_kind(kind, d)
+  assert re.search(match.replace("{L}", _lead(kind)), str(err.value)), str(err.value)
   assert _digest(d) == before
 
 
@@ -202,12 +237,22 @@ def good_dir(tmp_path_factory):
   return d
 
 
+@pytest.fixture(scope="module")
+def good_dirs(good_dir, tmp_path_factory):
+  """A good step 0 of each kind: the driver's, and tenant states saved by `TenantCheckpointer`."""
+  d = tmp_path_factory.mktemp("good_tenants")
+  with TenantCheckpointer(d, async_save=False) as ck:
+    ck.save(0, _tenant_states(seed=4), CFG, time_origin=NOW)
+  return {"one state": good_dir, "tenants": d}
+
+
 _GOOD_STATES = {}
 
 
-def _good_state(d):
+def _good_state(d, checkpointer=Checkpointer):
   if d not in _GOOD_STATES:
-    _GOOD_STATES[d] = _checkpointer_restore(d)[0]
+    with checkpointer(d) as ck:
+      _GOOD_STATES[d] = ck.restore()[0]
   return _GOOD_STATES[d]
 
 
@@ -234,6 +279,16 @@ DAMAGED_METADATA = {
   "step mismatch": lambda m: m.update(step=7),
   "nested 100,000 deep": "deep",
 }
+# Metadata of tenant checkpoints only: the number of tenants that sizes the target.
+DAMAGED_TENANT_METADATA = {
+  "n_tenants missing": lambda m: m.pop("n_tenants"),
+  "n_tenants a string": lambda m: m.update(n_tenants="2"),
+  "n_tenants zero": lambda m: m.update(n_tenants=0),
+  "n_tenants true": lambda m: m.update(n_tenants=True),
+}
+METADATA_CASES = [(k, c) for k in KINDS for c in DAMAGED_METADATA] + [
+  ("tenants", c) for c in DAMAGED_TENANT_METADATA
+]
 
 
 def _write_metadata(path: pathlib.Path, good: dict, payload) -> None:
@@ -247,23 +302,33 @@ def _write_metadata(path: pathlib.Path, good: dict, payload) -> None:
     path.write_text(json.dumps(payload))
 
 
-@pytest.mark.parametrize("case", list(DAMAGED_METADATA), ids=list(DAMAGED_METADATA))
-def test_malformed_metadata_is_refused_and_an_older_good_step_is_used(tmp_path, good_dir, case):
+@pytest.mark.parametrize(
+  ("kind", "case"), METADATA_CASES, ids=[f"{k}-{c}" for k, c in METADATA_CASES]
+)
+def test_malformed_metadata_is_refused_and_an_older_good_step_is_used(
+  tmp_path, good_dirs, kind, case
+):
+  good_dir = good_dirs[kind]
+  payload = (DAMAGED_METADATA | DAMAGED_TENANT_METADATA)[case]
   alone, with_older = tmp_path / "alone", tmp_path / "with_older"
   shutil.copytree(good_dir, alone)
   shutil.copytree(good_dir, with_older)
   good = json.loads(_metadata_path(good_dir, 0).read_text())
-  _write_metadata(_metadata_path(alone, 0), good, DAMAGED_METADATA[case])
+  _write_metadata(_metadata_path(alone, 0), good, payload)
   # A newer step 1 (a copy of the good step 0) with the malformed metadata.
   shutil.copytree(with_older / "0", with_older / "1")
-  _write_metadata(_metadata_path(with_older, 1), dict(good, step=1), DAMAGED_METADATA[case])
+  _write_metadata(_metadata_path(with_older, 1), dict(good, step=1), payload)
   before = _digest(alone), _digest(with_older)
 
   with pytest.raises(RuntimeError, match="no readable checkpoint .*step 0"):
-    sona.Sona.restore(os.fspath(alone), clock=_clock)  # nothing readable: a clear error
+    _restore_kind(kind, alone)  # nothing readable: a clear error
   with pytest.warns(RuntimeWarning, match="step 1 .* is damaged"):
-    engine = sona.Sona.restore(os.fspath(with_older), clock=_clock)
-  _assert_bit_identical(engine.state, _good_state(good_dir))  # step 0, never the crafted step
+    restored = _restore_kind(kind, with_older)
+  if kind == "one state":
+    _assert_bit_identical(restored.state, _good_state(good_dir))  # step 0, never the crafted one
+  else:
+    assert restored[2]["step"] == 0
+    _assert_bit_identical(restored[0], _good_state(good_dir, TenantCheckpointer))
   assert (_digest(alone), _digest(with_older)) == before
 
 
@@ -306,25 +371,37 @@ def test_malformed_schedule_metadata_is_a_clear_error_and_loads_no_driver(tmp_pa
 # ------------------------------------------------------------------------ values of the arrays
 
 
-def _with_values(state, case):
+def _with_values(state, case, at=()):
+  """`state` with one invariant broken at batch index `at` (a tenant, for tenant states)."""
   if case == "NaN adapter":
-    return state._replace(micro=state.micro._replace(b=jnp.full_like(state.micro.b, jnp.nan)))
+    return state._replace(micro=state.micro._replace(b=state.micro.b.at[at].set(jnp.nan)))
   if case == "edge to a node id past the graph":
     g = state.graph
-    return state._replace(graph=g._replace(edges=g.edges.at[0, 0].set(10**6)))
+    return state._replace(graph=g._replace(edges=g.edges.at[at + (0, 0)].set(10**6)))
   if case == "ring buffer counters out of range":
-    return state._replace(signals=state.signals._replace(meta=jnp.asarray([-3, 99, 5, 9, -1])))
+    meta = state.signals.meta.at[at].set(jnp.asarray([-3, 99, 5, 9, -1]))
+    return state._replace(signals=state.signals._replace(meta=meta))
   raise ValueError(case)
 
 
-@pytest.mark.parametrize(
-  "case",
-  ["NaN adapter", "edge to a node id past the graph", "ring buffer counters out of range"],
-)
-def test_state_values_that_break_invariants_are_refused(tmp_path, case):
-  _craft(tmp_path, 1, _with_values(_state(), case), _good_metadata(1))
-  with pytest.raises(ValueError):
-    _checkpointer_restore(tmp_path)
+VALUE_CASES = {
+  "NaN adapter": "micro.b has non-finite values",
+  "edge to a node id past the graph": "graph edges name node ids outside",
+  "ring buffer counters out of range": "signals ring buffer head/size",
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", list(VALUE_CASES))
+def test_state_values_that_break_invariants_are_refused(tmp_path, case, kind):
+  if kind == "one state":
+    _craft(tmp_path, 1, _with_values(_state(), case), _good_metadata(1))
+    with pytest.raises(ValueError, match=re.escape(VALUE_CASES[case])):
+      _checkpointer_restore(tmp_path)
+  else:  # tenant 1 is broken, tenant 0 is fine: the error names tenant 1 only
+    _craft(tmp_path, 1, _with_values(_tenant_states(), case, at=(1,)), _good_metadata(1, kind))
+    with pytest.raises(ValueError, match=re.escape(VALUE_CASES[case]) + r".*\(tenants 1\)"):
+      _restore_kind(kind, tmp_path)
 
 
 # -------------------------------------------------------------------------- no code execution
@@ -377,7 +454,12 @@ def test_restore_runs_without_unpickling_or_evaluating_anything(tmp_path, monkey
   engine.save()
   engine.wait_checkpoints()
   expected = jax.tree.map(np.asarray, engine.state)
+  tenant_dir = tmp_path / "tenants"
+  with TenantCheckpointer(tenant_dir, async_save=False) as ck:
+    ck.save(0, _tenant_states(seed=3), CFG, time_origin=NOW)
+  expected_tenants = jax.tree.map(np.asarray, _tenant_states(seed=3))
   _checkpointer_restore(tmp_path)  # warm: imports and compilations happen outside the guard
+  _restore_kind("tenants", tenant_dir)
   for name in ("load", "loads", "Unpickler"):
     monkeypatch.setattr(pickle, name, _refuse)
   monkeypatch.setattr(marshal, "loads", _refuse)
@@ -385,9 +467,11 @@ def test_restore_runs_without_unpickling_or_evaluating_anything(tmp_path, monkey
   monkeypatch.setattr(builtins, "exec", _refuse)
   state, _, _ = _checkpointer_restore(tmp_path)
   restored = sona.Sona.restore(os.fspath(tmp_path), clock=_clock)
+  restored_tenants, _, _ = _restore_kind("tenants", tenant_dir)
   monkeypatch.undo()
   _assert_bit_identical(state, expected)
   _assert_bit_identical(restored.state, expected)
+  _assert_bit_identical(restored_tenants, expected_tenants)
 
 
 def test_module_names_in_checkpoint_files_are_never_imported(tmp_path, monkeypatch):
