@@ -505,7 +505,8 @@ def bench_http(
       s0 = engine.stats()
       last = i == len(levels) - 1
       # The last level goes on until Loop B has run at least once while serving (see `level`).
-      until = (lambda c0=cycles(s0): cycles(engine.stats()) > c0) if last else None
+      c0 = cycles(s0)
+      until = (lambda: cycles(engine.stats()) > c0) if last else None  # noqa: B023 (used at once)
       res = asyncio.run(
         load.level(clients, n, on_half=checkpoint_under_load if last else None, until=until)
       )

@@ -13,9 +13,6 @@ import argparse
 
 import jax
 import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.decomposition import PCA
-from sklearn.preprocessing import StandardScaler
 
 import sona_jax as sona
 from sona_jax import datasets
@@ -23,15 +20,9 @@ from sona_jax import datasets
 
 def tiers_on_digits(seed: int = 0):
   """Returns `(emb, correct, stream, held, costs)`: unit PCA-32 embeddings, per-tier correctness
-  `bool[n, 3]`, the stream and held-out indices, and the tier costs."""
-  x, y = load_digits(return_X_y=True)
-  perm = np.random.default_rng(seed).permutation(len(x))
-  fit, stream, held = perm[:500], perm[500:1400], perm[1400:]
-  z = StandardScaler().fit(x[fit]).transform(x)
-  correct = datasets.digits_tiers(fit)
-  emb = PCA(32, random_state=0).fit(z[fit]).transform(z).astype(np.float32)
-  emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-  return emb, correct, stream, held, datasets.DIGITS_TIER_COSTS
+  `bool[n, 3]`, the stream and held-out indices, and the tier costs (`datasets.routing_task`)."""
+  task = datasets.routing_task("digits", seed)
+  return task.emb, task.correct, task.stream, task.held, task.costs
 
 
 def main(requests: int = 2700) -> dict:
@@ -57,9 +48,10 @@ def main(requests: int = 2700) -> dict:
     t = int(now[0] - engine.time_origin)
     engine.observe(sona.make_interaction(cfg, query=emb[j], quality=float(ok), tier=tier, time=t))
     engine.tick()  # Loop B when an hour has passed and enough signals wait
-  greedy = cfg.replace(router_epsilon=0.0)
   key = jax.random.key(1)
-  choice = np.array([int(sona.route(engine.state, emb[j], greedy, key)[0]) for j in held])
+  choice = np.array(
+    [int(sona.route(engine.state, emb[j], cfg, key, explore=False)[0]) for j in held]
+  )
   rows = {
     "learned router": (correct[held, choice].mean(), np.asarray(costs)[choice].mean()),
   }

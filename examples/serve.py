@@ -7,7 +7,10 @@ while requests are served, and the driver checkpoints to a directory.
 Endpoints (JSON in, JSON out; a bad request gets 400 or 422 with `{"error", "field"}`, never 500):
 
 - `POST /adapt` `{"query": [dim numbers]}` -> `{"adapted": [dim numbers]}`
-- `POST /route` `{"query": [...], "context_tokens": int?}` -> `{"tier": int}`
+- `POST /route` `{"query": [...], "context_tokens": int?, "budget": number?,
+  "cost_weight": number?}` -> `{"tier": int, "propensity": number, "probs": [per tier]}`
+  (`Sona.route`: the estimates, and the probability with which the policy picked the tier, to
+  log with the outcome)
 - `POST /feedback` `{"query": [...], "quality": float, "used": [ids], "unused": [ids],
   "anchor": int?, "tier": int?, "latency_ms": float?, "feedback": float?}` ->
   `{"accepted": bool, "reasons": [names]}` (Loop A; values it rejects are counted, not applied)
@@ -300,11 +303,30 @@ def create_app(
 
   @endpoint("route")
   async def route(request: Request) -> Response:
-    body = await _body(request, {"query": True, "context_tokens": False})
+    body = await _body(
+      request, {"query": True, "context_tokens": False, "budget": False, "cost_weight": False}
+    )
     x = _vector(body["query"], "query", cfg.dim, finite=True)
     tokens = _integer(body, "context_tokens", 0, lo=0)
-    tier = await run_in_threadpool(engine.route, x, context_tokens=tokens)
-    return JSONResponse({"tier": int(tier)})
+    budget, cost_weight = _number(body, "budget", None), _number(body, "cost_weight", None)
+    if budget is not None and not (0 < budget < math.inf):
+      raise BadRequest("budget", "budget: expected a finite number > 0")
+    if cost_weight is not None and not (0 <= cost_weight < math.inf):
+      raise BadRequest("cost_weight", "cost_weight: expected a finite number >= 0")
+    if budget is not None and cost_weight is not None:
+      raise BadRequest("budget", "give budget or cost_weight, not both")
+    info = await run_in_threadpool(
+      lambda: engine.route(
+        x, context_tokens=tokens, budget=budget, cost_weight=cost_weight, return_info=True
+      )
+    )
+    return JSONResponse(
+      {
+        "tier": info["tier"],
+        "propensity": info["propensity"],  # log it with the outcome (inverse propensity weights)
+        "probs": [float(p) for p in info["probs"]],
+      }
+    )
 
   feedback_fields = {
     "query": True,

@@ -5,6 +5,7 @@ consolidates; Loop C (weekly) restructures memory. Every step is a pure, jitted 
 """
 
 from sona_jax import buffer as buffer
+from sona_jax import evaluation as evaluation
 from sona_jax import ewc as ewc
 from sona_jax import graph as graph
 from sona_jax import lora as lora
@@ -15,10 +16,12 @@ from sona_jax import types as types
 from sona_jax.config import SonaConfig as SonaConfig
 from sona_jax.driver import Knobs as Knobs
 from sona_jax.driver import MemoryEvent as MemoryEvent
+from sona_jax.driver import Routing as Routing
 from sona_jax.driver import Sona as Sona
 from sona_jax.driver import adapt as adapt
 from sona_jax.driver import due as due
 from sona_jax.driver import route as route
+from sona_jax.driver import tier_success as tier_success
 from sona_jax.loops.background import BackgroundReport as BackgroundReport
 from sona_jax.loops.background import background_step as background_step
 from sona_jax.loops.instant import InstantReport as InstantReport

@@ -168,10 +168,8 @@ def run_week(
     signal_capacity=8192,
     trajectory_capacity=4096,
     min_samples=50,
-    pattern_clusters=20,
     bank_capacity=400,
     tier_costs=TIER_COSTS,
-    router_epsilon=0.1,
     phi_max_nodes=128,
   )
   now = [WEEK_START]
@@ -249,9 +247,10 @@ def run_week(
   clean = datasets.precision_at_k(
     task.clean_queries[held], task.query_labels[held], memories, labels, 5
   )
-  greedy = cfg.replace(router_epsilon=0.0)
   key = jax.random.key(seed + 1)
-  choice = np.array([int(sona.route(engine.state, task.queries[j], greedy, key)[0]) for j in held])
+  choice = np.array(
+    [int(sona.route(engine.state, task.queries[j], cfg, key, explore=False)[0]) for j in held]
+  )
   held_success = float(correct[held, choice].mean())
   held_cost = float(np.asarray(TIER_COSTS)[choice].mean())
 

@@ -34,7 +34,18 @@ from sona_jax.loops.background import BackgroundReport, background_step, signal_
 from sona_jax.loops.instant import InstantReport, scan_packed, step_packed
 from sona_jax.state import MICRO_UPDATES, PROCESSED, REJECTED, SonaState, init_state, router_apply
 
-__all__ = ["Sona", "Knobs", "MemoryEvent", "Due", "adapt", "route", "due", "last_deep_slot"]
+__all__ = [
+  "Sona",
+  "Knobs",
+  "MemoryEvent",
+  "Due",
+  "Routing",
+  "adapt",
+  "route",
+  "tier_success",
+  "due",
+  "last_deep_slot",
+]
 
 _WEEK = 7 * 86_400
 
@@ -97,8 +108,23 @@ def adapt(state: SonaState, x, cfg: SonaConfig) -> jax.Array:
   )
 
 
-@functools.partial(jax.jit, static_argnums=9)
-def _route(bank, proj, params, x, context_tokens, latency_ratio, key, threshold, epsilon, cfg):
+class Routing(NamedTuple):
+  """What `route` decided for one request.
+
+  Attributes:
+    tier: i32[] the tier to serve with.
+    probs: f32[n_tiers] the estimated success probability of every tier (`tier_success`).
+    propensity: f32[] the probability with which the policy picks `tier` for this query, in (0, 1]
+      (Thompson sampling and epsilon exploration included): log it with the outcome to de-bias
+      learning from partial feedback with inverse propensity weights.
+  """
+
+  tier: jax.Array
+  probs: jax.Array
+  propensity: jax.Array
+
+
+def _estimates(bank, proj, params, x, context_tokens, latency_ratio, cfg):
   # Only the leaves routing reads go in: a jitted call costs 1-3 us per leaf passed.
   sig = types.Signal(
     query=x[None],
@@ -112,10 +138,53 @@ def _route(bank, proj, params, x, context_tokens, latency_ratio, key, threshold,
     anchor=jnp.full((1,), -1, jnp.int32),
   )
   feats = signal_features(sig, bank, proj, cfg)[0]  # [1, F]
-  probs = router.predict(params, router_apply(cfg), feats)
+  head = router.predict(params, router_apply(cfg), feats)
+  return patterns.tier_estimates(
+    bank,
+    x,
+    head,
+    k=cfg.router_neighbours,
+    temperature=cfg.router_bank_temperature,
+    strength=cfg.router_prior_strength,
+  )
+
+
+_tier_estimates = jax.jit(_estimates, static_argnums=6)
+
+
+@functools.partial(jax.jit, static_argnums=12)
+def _route(
+  bank, proj, params, x, context_tokens, latency_ratio, key, count, threshold, cost_weight,
+  epsilon, thompson, cfg,
+):  # fmt: skip
+  # The request's key is folded in here: an eager `fold_in` per request cost ~150 us on CPU.
+  key = jax.random.fold_in(key, count)
+  est = _estimates(bank, proj, params, x, context_tokens, latency_ratio, cfg)
   costs = jnp.asarray(cfg.tier_costs, jnp.float32)
-  tier = router.route(probs, costs, threshold, key, epsilon)
-  return tier, probs
+  tier, propensity = router.choose(
+    est.alpha, est.beta, costs, threshold, cost_weight, key, epsilon, thompson
+  )
+  return Routing(tier, est.mean, propensity)
+
+
+def _route_call(state, x, cfg, key, count, context_tokens, latency_ratio, threshold, cost_weight,
+                epsilon, explore):  # fmt: skip
+  # NumPy scalars, not jnp ones: each eager jnp scalar is a device op of its own (~10-20 us).
+  return _route(
+    state.bank,
+    state.router_proj,
+    state.router.params,
+    x,
+    np.int32(context_tokens),
+    np.float32(latency_ratio),
+    key,
+    np.uint32(count),
+    np.float32(threshold),
+    np.float32(math.nan if cost_weight is None else cost_weight),
+    np.float32(epsilon if explore else 0.0),
+    np.bool_(cfg.router_thompson and explore),
+    cfg,
+  )
 
 
 def route(
@@ -127,41 +196,65 @@ def route(
   context_tokens=0,
   latency_ratio=1.0,
   threshold=None,
+  cost_weight=None,
   epsilon=None,
-):
-  """The tier to serve a request with: the cheapest predicted to succeed (DESIGN.md 4.3).
+  explore: bool = True,
+) -> Routing:
+  """The tier to serve a request with, from calibrated per-tier success estimates.
+
+  The estimates (`Routing.probs`) are the ReasoningBank's records of the nearest patterns, shrunk
+  toward the FastGRNN router head's prediction (`patterns.tier_estimates`). The decision rule is
+  the threshold rule (the cheapest tier estimated to succeed with probability `threshold`) or, with
+  a `cost_weight`, the cost rule `argmax_k p_k - cost_weight * c_k` (`router.decide`); exploration
+  is Thompson sampling from the estimates' Beta posteriors (`cfg.router_thompson`) plus uniform
+  `epsilon` (`router.choose`). Every knob is traced: changing one never recompiles.
 
   Args:
     state: the learner's state.
     query: f32[dim] query embedding.
-    cfg: the config (`tier_costs`, and the defaults of `threshold` and `epsilon`).
-    key: PRNG key for epsilon-greedy exploration.
+    cfg: the config (`tier_costs`, the estimate's settings, the knobs' defaults).
+    key: PRNG key for exploration.
     context_tokens: context length of the request.
     latency_ratio: expected latency over target (1.0 when unknown).
-    threshold: success probability a tier must reach (`cfg.router_threshold` when None); traced,
-      so changing it never recompiles.
-    epsilon: exploration probability (`cfg.router_epsilon` when None); traced likewise.
+    threshold: success probability a tier must reach (`cfg.router_threshold` when None).
+    cost_weight: weight of the cost in the cost rule (`cfg.router_cost_weight` when None; the
+      threshold rule when that is None too).
+    epsilon: uniform exploration probability (`cfg.router_epsilon` when None).
+    explore: False for the greedy decision on the estimates (no sampling, no epsilon), e.g. to
+      evaluate the router.
 
   Returns:
-    `(tier, probs)`: i32[] tier and f32[n_tiers] predicted success probabilities.
+    `Routing(tier, probs, propensity)`.
   """
   x = jnp.asarray(query, jnp.float32)
   if x.shape != (cfg.dim,):
     raise ValueError(f"route: query has shape {x.shape}; expected ({cfg.dim},)")
   threshold = cfg.router_threshold if threshold is None else threshold
+  cost_weight = cfg.router_cost_weight if cost_weight is None else cost_weight
   epsilon = cfg.router_epsilon if epsilon is None else epsilon
-  return _route(
+  return _route_call(
+    state, x, cfg, key, 0, context_tokens, latency_ratio, threshold, cost_weight, epsilon, explore
+  )
+
+
+def tier_success(state: SonaState, query, cfg: SonaConfig, *, context_tokens=0, latency_ratio=1.0):
+  """The estimated success probability of every tier for `query`: f32[n_tiers].
+
+  `route`'s `probs` without a decision: the nearest patterns' per-tier records shrunk toward the
+  router head's prediction (`patterns.tier_estimates`).
+  """
+  x = jnp.asarray(query, jnp.float32)
+  if x.shape != (cfg.dim,):
+    raise ValueError(f"tier_success: query has shape {x.shape}; expected ({cfg.dim},)")
+  return _tier_estimates(
     state.bank,
     state.router_proj,
     state.router.params,
     x,
-    jnp.asarray(context_tokens, jnp.int32),
-    jnp.float32(latency_ratio),
-    key,
-    jnp.float32(threshold),
-    jnp.float32(epsilon),
+    np.int32(context_tokens),
+    np.float32(latency_ratio),
     cfg,
-  )
+  ).mean
 
 
 _NAMES = {"background": "B", "deep": "C"}
@@ -336,17 +429,28 @@ class Knobs:
     micro_lr: the micro-LoRA learning rate of Loop A (>= 0).
     router_threshold: the success probability a tier must reach to be chosen, in [0, 1].
     router_epsilon: the exploration probability of `route`, in [0, 1].
+    router_cost_weight: None for the threshold rule; a number >= 0 for the cost rule
+      `argmax_k p_k - router_cost_weight * cost_k`.
   """
 
   micro_lr: float
   router_threshold: float
   router_epsilon: float
+  router_cost_weight: float | None = None
 
   @classmethod
   def from_config(cls, cfg: SonaConfig) -> Knobs:
-    return cls(float(cfg.micro_lr), float(cfg.router_threshold), float(cfg.router_epsilon))
+    return cls(
+      float(cfg.micro_lr),
+      float(cfg.router_threshold),
+      float(cfg.router_epsilon),
+      None if cfg.router_cost_weight is None else float(cfg.router_cost_weight),
+    )
 
   def validate(self) -> Knobs:
+    w = self.router_cost_weight
+    if w is not None and not (_is_number(w) and 0 <= w < math.inf):
+      raise ValueError(f"Knobs.router_cost_weight={w!r}; expected None or a finite number >= 0")
     for name, lo, hi in (
       ("micro_lr", 0.0, math.inf),
       ("router_threshold", 0.0, 1.0),
@@ -358,6 +462,10 @@ class Knobs:
       if not math.isfinite(v):
         raise ValueError(f"Knobs.{name}={v!r}; expected a finite number")
     return self
+
+
+def _is_number(v) -> bool:
+  return not isinstance(v, bool) and isinstance(v, (int, float))
 
 
 _BUCKETS = tuple(2**i for i in range(1, 13))  # 2, 4, ..., 4096
@@ -456,6 +564,10 @@ class Sona:
     self._stop = threading.Event()
     self._route_key = jax.random.fold_in(key, 1)
     self._route_count = 0
+    self._budget_weight = 0.0  # `route(budget=...)`: the cost weight in units of 1 / max cost
+    self._routed = 0
+    self._routed_cost = 0.0
+    self._routed_inverse_propensity = 0.0
     self.last_background = self.time_origin
     self.last_deep = self.time_origin
     self._on_event = on_memory_event
@@ -518,7 +630,8 @@ class Sona:
     return self._knobs
 
   def set_knobs(self, **changes) -> Knobs:
-    """Changes live knobs (`micro_lr`, `router_threshold`, `router_epsilon`) for the requests
+    """Changes live knobs (`micro_lr`, `router_threshold`, `router_epsilon`,
+    `router_cost_weight`) for the requests
     that follow; nothing recompiles. Returns the new `Knobs`.
 
     Raises:
@@ -766,23 +879,95 @@ class Sona:
     with self._rw.read():
       return jax.block_until_ready(adapt(self._state, x, self.cfg))
 
-  def route(self, query, *, context_tokens: int = 0) -> int:
-    """The model tier for a request: the cheapest predicted to succeed, with exploration."""
+  def route(
+    self,
+    query,
+    *,
+    context_tokens: int = 0,
+    cost_weight: float | None = None,
+    budget: float | None = None,
+    return_info: bool = False,
+  ):
+    """The model tier for a request, from calibrated per-tier success estimates (`route`).
+
+    The rule is the knobs' (`router_threshold`, or the cost rule when `router_cost_weight` is
+    set), with Thompson-sampling and epsilon exploration. Per request, either:
+
+    - `cost_weight`: the cost rule `argmax_k p_k - cost_weight * c_k` with this weight; or
+    - `budget`: a target mean cost per request. The driver adapts the cost weight online to meet
+      it (dual ascent on the budget constraint): after each request routed with a budget,
+      `w <- max(0, w + router_budget_rate * (cost - budget) / max_cost) ` in units of
+      `1 / max_cost`, so the long-run mean cost of the budgeted requests approaches `budget`.
+      One controller per driver, warm across calls; `stats()["routing"]` shows its weight.
+
+    Args:
+      query: f32[dim] query embedding.
+      context_tokens: context length of the request.
+      cost_weight: the cost rule's weight (>= 0) for this request.
+      budget: target mean cost (> 0) for this request's controller (not with `cost_weight`).
+      return_info: return a dict `{"tier", "probs", "propensity", "cost_weight"}` instead of the
+        tier: the propensity is the probability with which the policy picked this tier (log it
+        with the outcome for inverse-propensity weighting).
+
+    Returns:
+      The tier (int), or the dict with `return_info`.
+    """
+    if cost_weight is not None and budget is not None:
+      raise ValueError("Sona.route: give cost_weight or budget, not both")
+    if cost_weight is not None and not (_is_number(cost_weight) and 0 <= cost_weight < math.inf):
+      raise ValueError(f"Sona.route: cost_weight must be a finite number >= 0, got {cost_weight!r}")
+    if budget is not None and not (_is_number(budget) and 0 < budget < math.inf):
+      raise ValueError(f"Sona.route: budget must be a finite number > 0, got {budget!r}")
+    x = np.asarray(query, np.float32)
+    if x.shape != (self.cfg.dim,):
+      raise ValueError(f"Sona.route: query has shape {x.shape}; expected ({self.cfg.dim},)")
+    max_cost = max(max(self.cfg.tier_costs), 1e-9)
     with self._route_lock:
-      key = jax.random.fold_in(self._route_key, self._route_count)
+      count = self._route_count % 2**32  # the request's key: fold_in(route key, count)
       self._route_count += 1
+      if budget is not None:
+        cost_weight = self._budget_weight / max_cost
     knobs = self._knobs
+    if cost_weight is None:
+      cost_weight = knobs.router_cost_weight
     with self._rw.read():
-      tier, _ = route(
+      decision = _route_call(
         self._state,
-        query,
+        x,
         self.cfg,
-        key,
-        context_tokens=context_tokens,
-        threshold=knobs.router_threshold,
-        epsilon=knobs.router_epsilon,
+        self._route_key,
+        count,
+        context_tokens,
+        1.0,
+        knobs.router_threshold,
+        cost_weight,
+        knobs.router_epsilon,
+        True,
       )
-      return int(tier)
+      tier, propensity = jax.device_get((decision.tier, decision.propensity))
+    tier, propensity = int(tier), float(propensity)
+    cost = self.cfg.tier_costs[tier]
+    with self._route_lock:
+      if budget is not None:
+        step = self.cfg.router_budget_rate * (cost - budget) / max_cost
+        self._budget_weight = max(0.0, self._budget_weight + step)
+      self._routed += 1
+      self._routed_cost += cost
+      self._routed_inverse_propensity += 1.0 / propensity
+    if not return_info:
+      return tier
+    return {
+      "tier": tier,
+      "probs": np.asarray(decision.probs),
+      "propensity": propensity,
+      "cost_weight": None if cost_weight is None else float(cost_weight),
+    }
+
+  def tier_success(self, query, *, context_tokens: int = 0) -> np.ndarray:
+    """The estimated success probability of every tier for `query`: f32[n_tiers] (`route`'s
+    estimates: the nearest patterns' records shrunk toward the router head's prediction)."""
+    with self._rw.read():
+      return np.asarray(tier_success(self._state, query, self.cfg, context_tokens=context_tokens))
 
   def find_patterns(self, query, k: int = 5):
     """The `k` ReasoningBank patterns nearest to `query` (cosine), recorded as accessed.
@@ -887,6 +1072,14 @@ class Sona:
       "serving": {
         "batches": {str(k): v for k, v in sorted(self._batch_sizes.items())},
         "knobs": dataclasses.asdict(self._knobs),
+      },
+      "routing": {
+        "routed": self._routed,
+        "mean_cost": self._routed_cost / self._routed if self._routed else None,
+        "mean_inverse_propensity": (
+          self._routed_inverse_propensity / self._routed if self._routed else None
+        ),
+        "budget_cost_weight": self._budget_weight / max(max(self.cfg.tier_costs), 1e-9),
       },
       "memory_events": {"queued": len(self._events), "dropped": self._events_dropped},
       "improvement": improvement.to_dict(),

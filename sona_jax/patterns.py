@@ -36,6 +36,8 @@ __all__ = [
   "merge_patterns",
   "pattern_value",
   "find_patterns",
+  "TierEstimate",
+  "tier_estimates",
   "record_access",
   "export",
 ]
@@ -458,6 +460,70 @@ def find_patterns(bank: Bank, query, k: int):
   scores = jnp.where(jnp.broadcast_to(bank.alive, scores.shape), scores, -jnp.inf)
   top, idx = jax.lax.top_k(scores, k)
   return jnp.where(top > -jnp.inf, idx.astype(jnp.int32), -1), top
+
+
+class TierEstimate(NamedTuple):
+  """Per-tier success estimates for one query: a Beta posterior per tier.
+
+  Attributes:
+    mean: f32[..., T] the estimated success probability `alpha / (alpha + beta)`.
+    alpha: f32[..., T] Beta posterior: pseudo-successes.
+    beta: f32[..., T] Beta posterior: pseudo-failures.
+    evidence: f32[..., T] proximity-weighted trials behind the estimate (the bank's part).
+  """
+
+  mean: jax.Array
+  alpha: jax.Array
+  beta: jax.Array
+  evidence: jax.Array
+
+
+def tier_estimates(bank: Bank, query, prior, *, k: int, temperature, strength) -> TierEstimate:
+  """Per-tier success estimates: the nearest patterns' records, shrunk toward a prior.
+
+  A nonparametric estimate in the spirit of nearest-neighbour and cluster routers (Li 2025,
+  arXiv 2505.12601; UniRoute, arXiv 2502.08773): the `k` alive patterns nearest to the query
+  (cosine `s_i`) each weigh in with `w_i = exp((s_i - s_max) / temperature)` (1 for the nearest),
+  their per-tier successes and trials summed, `S_t = sum_i w_i succ_it`, `N_t = sum_i w_i cnt_it`.
+  A Beta prior of mean `prior_t` and strength `m` (pseudo-trials) gives the posterior
+
+    alpha_t = S_t + m prior_t,  beta_t = N_t - S_t + m (1 - prior_t),  mean_t = alpha_t / (m + N_t)
+
+  so a tier the nearby patterns never tried keeps the prior, and a well-tried one follows its
+  record (empirical-Bayes shrinkage, e.g. Efron and Morris 1975). The driver's prior is the router
+  head's prediction (`router.predict`), trained on every signal with EWC++; any f32[T] works.
+
+  Args:
+    bank: the ReasoningBank.
+    query: f32[d] or f32[B, d] query embedding(s).
+    prior: f32[..., T] prior success probabilities (clipped to [1e-3, 1 - 1e-3]).
+    k: nearest patterns used (static; at most the bank capacity).
+    temperature: proximity temperature (> 0); small values trust only the nearest pattern.
+    strength: prior strength `m` in pseudo-trials (> 0).
+
+  Returns:
+    `TierEstimate(mean, alpha, beta, evidence)`.
+
+  >>> b = init_bank(2, 2, 2)
+  >>> b = b._replace(centroid=jnp.eye(2), alive=jnp.array([True, True]),
+  ...                tier_success=jnp.array([[3.0, 0.0], [0.0, 0.0]]),
+  ...                tier_count=jnp.array([[4.0, 0.0], [0.0, 0.0]]))
+  >>> e = tier_estimates(b, jnp.array([1.0, 0.0]), jnp.array([0.5, 0.5]), k=1,
+  ...                    temperature=0.1, strength=2.0)
+  >>> [round(v, 4) for v in e.mean.tolist()]  # (3 + 2 * 0.5) / (4 + 2); the prior when untried
+  [0.6667, 0.5]
+  """
+  ids, scores = find_patterns(bank, query, min(k, bank.capacity))
+  found = ids >= 0
+  safe = jnp.where(found, ids, 0)
+  best = scores[..., :1]
+  w = jnp.where(found, jnp.exp((jnp.where(found, scores, best) - best) / temperature), 0.0)
+  succ = jnp.einsum("...k,...kt->...t", w, bank.tier_success[safe])
+  cnt = jnp.einsum("...k,...kt->...t", w, bank.tier_count[safe])
+  prior = jnp.clip(jnp.asarray(prior, jnp.float32), 1e-3, 1.0 - 1e-3)
+  alpha = succ + strength * prior
+  beta = jnp.maximum(cnt - succ, 0.0) + strength * (1.0 - prior)
+  return TierEstimate(alpha / (alpha + beta), alpha, beta, cnt)
 
 
 @jax.jit

@@ -80,8 +80,10 @@ def test_router_learns_to_trade_cost_for_quality(bench):
   # run_routing also measures the same router before any Loop B on the same held-out images.
   print(f"APGR before {res['apgr_untrained']:.3f} after {res['apgr']:.3f}", end=" ")
   print(f"(best random mix of tiers {res['apgr_random_mix']:.3f})")
-  # Measured (600 requests, 2 Loop B cycles): APGR 0.689 after, 0.514 untrained (the best
-  # random mix of tiers: 0.722; with 2,700 requests the benchmark measures 0.77-0.88).
+  # Measured (600 requests, 2 Loop B cycles): APGR 0.809 after, 0.514 untrained (the best
+  # random mix of tiers: 0.722; with 2,700 requests the benchmark measures 0.865-0.924). The
+  # learned router must beat every non-contextual mix of tiers (margin 0.09 at this seed).
   assert res["loop_b_runs"] >= 2
-  assert res["apgr"] >= 0.62
+  assert res["apgr"] >= res["apgr_random_mix"]
+  assert res["ece"] <= 0.05  # calibrated estimates (measured 0.02-0.03)
   assert res["apgr"] >= res["apgr_untrained"] + 0.1

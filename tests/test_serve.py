@@ -66,6 +66,9 @@ def test_every_endpoint_happy_path_and_the_checkpoint_restores(tmp_path):
       np.testing.assert_allclose(r.json()["adapted"], q, rtol=1e-6)  # identity before learning
       r = await c.post("/route", json={"query": q, "context_tokens": 100})
       assert r.status_code == 200 and r.json()["tier"] in range(CFG.n_tiers)
+      assert 0 < r.json()["propensity"] <= 1 and len(r.json()["probs"]) == CFG.n_tiers
+      r = await c.post("/route", json={"query": q, "budget": 2.0})
+      assert r.status_code == 200 and r.json()["tier"] in range(CFG.n_tiers)
       fb = dict(query=q, quality=0.1, used=[0], unused=[1], anchor=2, tier=1, latency_ms=90.0)
       r = await c.post("/feedback", json=fb)
       assert r.status_code == 200 and r.json() == {"accepted": True, "reasons": []}
@@ -110,6 +113,8 @@ BAD = [
   ("/route", {"query": [1.0] * 8, "context_tokens": "many"}, 422, "context_tokens"),
   ("/route", {"query": [1.0] * 8, "context_tokens": -1}, 422, "context_tokens"),
   ("/route", {"qery": [1.0] * 8}, 422, "qery"),
+  ("/route", {"query": [1.0] * 8, "budget": -1}, 422, "budget"),
+  ("/route", {"query": [1.0] * 8, "budget": 2.0, "cost_weight": 0.1}, 422, "budget"),
   ("/feedback", {"query": [1.0] * 8, "used": [], "unused": []}, 422, "quality"),
   ("/feedback", {"query": [1.0] * 8, "quality": 0.5, "unused": []}, 422, "used"),
   ("/feedback", {"query": [1.0] * 8, "quality": 0.5, "used": ["a"], "unused": []}, 422, "used"),

@@ -145,6 +145,8 @@ def _spawn(code: str, out, n_devices: int) -> subprocess.Popen:
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
   env["JAX_PLATFORMS"] = "cpu"
+  # The child imports the sona_jax beside these tests (a checkout that is not the installed one).
+  env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
   prelude = (
     "import jax, jax.numpy as jnp, numpy as np\n"
     "jax.config.update('jax_numpy_dtype_promotion', 'strict')\n"
@@ -270,14 +272,16 @@ def test_data_parallel_loop_b_on_8_devices_equals_single_device(child):
 def test_sharded_checkpoint_from_8_devices_restores_onto_4_and_1_device(child):
   out, _ = child()
   four = _spawn(RESTORE, out, 4)  # 4 devices, in a subprocess, while this process restores on 1
-  like = jax.eval_shape(lambda: tenants.init_tenants(CFG, jax.random.key(0), N_TENANTS))
-  saved = _load(out / "tenants_b.npz", like)
-  with sharding.TenantCheckpointer(out / "ckpt") as ck:
-    one, cfg, meta = ck.restore()
-  assert cfg == CFG and meta["extra"] == {"note": "8 devices"} and meta["time_origin"] == 1.7e9
-  assert len(one.graph.emb.devices()) == 1
-  _assert_bits_equal(one, saved)
-  _wait(four)
+  try:
+    like = jax.eval_shape(lambda: tenants.init_tenants(CFG, jax.random.key(0), N_TENANTS))
+    saved = _load(out / "tenants_b.npz", like)
+    with sharding.TenantCheckpointer(out / "ckpt") as ck:
+      one, cfg, meta = ck.restore()
+    assert cfg == CFG and meta["extra"] == {"note": "8 devices"} and meta["time_origin"] == 1.7e9
+    assert len(one.graph.emb.devices()) == 1
+    _assert_bits_equal(one, saved)
+  finally:  # a failure above must not leave the child running into a later test
+    _wait(four)
   info4 = json.loads((out / "restored_4.json").read_text())
   assert info4["devices"] == 4 and info4["step"] == 3
   assert info4["n_shards"] == 4 and info4["shard_shape"] == [2, CFG.graph_capacity, CFG.dim]
