@@ -674,9 +674,9 @@ def run_routing(*, seed: int = 0, n_requests: int = 2700, cfg=None, task: str = 
   engine = sona.Sona(cfg, key=jax.random.key(seed), clock=lambda: now[0])
   key = jax.random.key(seed + 1)
 
-  def held_probs():
+  def held_probs(c=cfg):
     return np.stack(
-      [np.asarray(sona.route(engine.state, emb[j], cfg, key, explore=False)[1]) for j in held]
+      [np.asarray(sona.route(engine.state, emb[j], c, key, explore=False)[1]) for j in held]
     )
 
   untrained = evaluate_router(held_probs(), correct[held], costs, cfg.router_threshold)
@@ -696,6 +696,15 @@ def run_routing(*, seed: int = 0, n_requests: int = 2700, cfg=None, task: str = 
     rep = engine.tick()["background"]
     runs += int(rep is not None and rep.ran)
   res = evaluate_router(held_probs(), correct[held], costs, cfg.router_threshold)
+  # Each part of the estimates alone: the router head (a prior of overwhelming strength) and the
+  # bank's records (a prior of 0.01 pseudo-trials: a tier no nearby pattern tried keeps the head's).
+  parts = {
+    "head": cfg.replace(router_prior_strength=1e6),
+    "bank": cfg.replace(router_prior_strength=0.01),
+  }
+  for name, c in parts.items():
+    part = evaluate_router(held_probs(c), correct[held], costs, cfg.router_threshold)
+    res[f"apgr_{name}_alone"], res[f"ece_{name}_alone"] = part["apgr"], part["ece"]
   # A reference no partial-feedback router can beat on average: every tier's outcome on every
   # stream row known (full information), success = the smoothed rate of the 20 nearest rows.
   near = np.argsort(-(emb[held] @ emb[stream].T), axis=1)[:, :20]
@@ -1004,6 +1013,16 @@ def routing_benchmark(
       apgr=mean([r["apgr_random_mix"] for r in ours]),
     )
   )
+  for part in ("head", "bank"):
+    rows.append(
+      dict(
+        name=f"estimates: {'router head' if part == 'head' else 'bank records'} alone",
+        cost=float("nan"),
+        success=float("nan"),
+        apgr=mean([r[f"apgr_{part}_alone"] for r in ours]),
+        ece=mean([r[f"ece_{part}_alone"] for r in ours]),
+      )
+    )
   rows.append(
     dict(
       name="full-information 20-NN (reference)",
