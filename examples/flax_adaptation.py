@@ -3,8 +3,8 @@
 A frozen flax classifier was trained on clean `load_digits` embeddings; in production its inputs
 drift (a fixed shift of the encoder's output). Each labelled request gives the gradient of the
 model's loss at the adapted embedding, `g = dL/dy`, which the interaction carries (`grad=g`):
-Loop A then takes the exact LoRA step (DESIGN.md 4.1, supervised mode) and the adapter learns to
-undo the drift while the model itself never changes.
+Loop A then takes the exact LoRA step (docs/design.md, "Micro-LoRA step", supervised mode) and the
+adapter learns to undo the drift while the model itself never changes.
 
 Run: `python examples/flax_adaptation.py [--requests N]`. Uses scikit-learn's load_digits.
 """

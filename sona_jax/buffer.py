@@ -1,4 +1,4 @@
-"""A fixed-capacity ring buffer over any record pytree (DESIGN.md section 4.4).
+"""A fixed-capacity ring buffer over any record pytree (docs/design.md, "Ring buffers").
 
 The Loop A -> Loop B channel of learning signals and the trajectory log are such buffers inside the
 learner state. A record is any pytree of arrays; the buffer stores each leaf with a leading axis of

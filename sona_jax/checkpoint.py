@@ -1,4 +1,4 @@
-"""Persistence of a `SonaState` with orbax-checkpoint (DESIGN.md section 7).
+"""Persistence of a `SonaState` with orbax-checkpoint (docs/design.md, "Persistence").
 
 A checkpoint step holds two items: `state`, the `SonaState` written with `ocp.args.StandardSave`,
 and `metadata`, a JSON document with the config (`SonaConfig.to_dict()`), the library version, the

@@ -1,4 +1,4 @@
-"""Loop C phases 2-4: abstraction, dreams, cross-domain transfer (DESIGN.md 4.5, 4.6, 5; seed
+"""Loop C phases 2-4: abstraction, dreams, cross-domain transfer (docs/design.md, "Loop C"; seed
 `abstract_patterns`, `dream_learning`, `cross_domain_transfer`).
 
 Each phase is a pure function returning the new structure and a report of host values that lists

@@ -4,8 +4,9 @@ The config is passed to jitted functions as a static argument, so it must be has
 change after construction. It validates itself: a bad value raises `ValueError` naming the field,
 the value and the allowed range, before any JAX computation runs.
 
-Defaults follow the seed document (`shared/seed`, sections 2-5) except where DESIGN.md says
-otherwise; the micro-LoRA learning rate is set by measurement (see `micro_lr`).
+Defaults follow the seed document (`shared/seed`, sections 2-5) except where docs/design.md
+("Departures from the original design") says otherwise; the micro-LoRA learning rate is set by
+measurement (see `micro_lr`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def _check_range(name: str, value: Any, lo: float | None, hi: float | None, *, i
 
 @dataclasses.dataclass(frozen=True)
 class SonaConfig:
-  """Configuration of a SONA learner (DESIGN.md section 3).
+  """Configuration of a SONA learner (docs/design.md, "SonaConfig").
 
   Attributes:
     dim: embedding width of queries and memories (LoRA `d_in = d_out = dim`).
@@ -46,8 +47,9 @@ class SonaConfig:
       the `load_digits` drift stream (`datasets.digits_drift`, 1,000 requests, rank 2): held-out
       precision@5 0.633 -> 0.845 at drift 2 and 0.405 -> 0.72 at drift 3; 0.2-1.0 learnt faster at
       first but ended lower and noisier.
-    micro_clip: maximum norm of each factor's step (A and B separately). DESIGN.md 4.1: unclipped
-      SGD diverged at lr >= 0.1 in the prototype; 0.25 was stable at lr 0.2.
+    micro_clip: maximum norm of each factor's step (A and B separately; docs/design.md,
+      "Micro-LoRA step"): unclipped SGD diverged at lr >= 0.1 in the prototype; 0.25 was stable
+      at lr 0.2.
     gate_quality_margin: Loop A updates the micro-LoRA only when `|quality - 0.5| > margin` ...
     gate_latency_ratio: ... or when `latency_ms / target_latency_ms > ratio` (seed section 2).
     n_tiers: number of model tiers the router chooses between.
@@ -79,8 +81,8 @@ class SonaConfig:
     router_batch: router mini-batch size.
     router_threshold: `route` picks the cheapest tier estimated to succeed with this probability.
       Set on the digits routing stream (benchmarks/bench_learning.py, 3 data seeds, calibrated
-      estimates with Thompson sampling): 0.93 kept 97.9% of the always-SVM success at 27% of its
-      cost on held-out images; 0.9 kept 96.5% at 21%, 0.95 98.4% at 33%.
+      estimates with Thompson sampling): 0.93 keeps 97.9% of the always-SVM success at 30% of its
+      cost on held-out images; in the development sweep 0.9 kept 96.5% at 21%, 0.95 98.4% at 33%.
     router_epsilon: uniform exploration rate of `route`, on top of Thompson sampling (a floor on
       every tier's propensity).
     router_neighbours: `route`'s success estimates read the per-tier records of this many nearest
@@ -130,7 +132,8 @@ class SonaConfig:
     ivf_cells: cells of the inverted-file partition for approximate all-pairs candidate search
       (0 = about `sqrt(N)`).
     ivf_probe: nearest cells searched per query cell.
-    phi_max_nodes: the Phi proxy uses at most this many most-accessed nodes (DESIGN 4.7).
+    phi_max_nodes: the Phi proxy uses at most this many most-accessed nodes (docs/design.md,
+      "Integration proxy").
     phi_exhaustive_max: the minimum-information bipartition is searched exhaustively up to this many
       nodes, spectrally above.
   """

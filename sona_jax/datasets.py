@@ -3,12 +3,13 @@
 Nothing is downloaded: `load_digits` (1,797 8x8 images, 10 classes) and `load_breast_cancer` are
 inside scikit-learn.
 
-`digits_drift` builds the retrieval-drift scenario of DESIGN.md 4.1: PCA embeddings of the digits,
-split into a memory (the retrieval corpus, with labels) and a query stream whose embeddings are
-shifted along one fixed direction, as when an upstream encoder or the traffic drifts. A retrieved
-memory is relevant when it has the query's label. `retrieval_interaction` turns one retrieval into
-the feedback a production system would log: memories judged useful (`used`), retrieved but not
-useful (`unused`), and a quality score (the precision of the retrieval).
+`digits_drift` builds the retrieval-drift scenario of docs/design.md ("Micro-LoRA step"): PCA
+embeddings of the digits, split into a memory (the retrieval corpus, with labels) and a query
+stream whose embeddings are shifted along one fixed direction, as when an upstream encoder or the
+traffic drifts. A retrieved memory is relevant when it has the query's label.
+`retrieval_interaction` turns one retrieval into the feedback a production system would log:
+memories judged useful (`used`), retrieved but not useful (`unused`), and a quality score (the
+precision of the retrieval).
 """
 
 from __future__ import annotations

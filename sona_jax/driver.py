@@ -1,4 +1,4 @@
-"""`Sona`: the small stateful driver around the pure state transitions (DESIGN.md section 6).
+"""`Sona`: the small stateful driver around the pure state transitions (docs/design.md, "Driver").
 
 It holds the config, the current state and a clock, and calls the jitted pure functions. It is the
 only stateful code of the library; everything it does can be done with the pure API directly.
@@ -65,7 +65,7 @@ def last_deep_slot(now: float, cfg: SonaConfig) -> float:
 
 
 def due(now: float, last_background: float, last_deep: float, cfg: SonaConfig) -> Due:
-  """Pure schedule (DESIGN.md section 6): which loops are due at Unix time `now`.
+  """Pure schedule (docs/design.md, "Schedule"): which loops are due at Unix time `now`.
 
   Loop B is due `cfg.background_interval_s` after the last cycle that ran (it still skips itself
   below `cfg.min_samples`, and is then due again at the next tick); Loop C is due when a weekly slot

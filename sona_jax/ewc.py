@@ -1,4 +1,4 @@
-"""EWC++: an online diagonal-Fisher penalty against forgetting (DESIGN.md 4.2).
+"""EWC++: an online diagonal-Fisher penalty against forgetting (docs/design.md, "EWC++").
 
 Elastic weight consolidation (Kirkpatrick et al. 2017, "Overcoming catastrophic forgetting in neural
 networks", PNAS, arXiv:1612.00796) keeps parameters that mattered to earlier data close to where

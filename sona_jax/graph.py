@@ -1,4 +1,5 @@
-"""Memory graph: fixed-capacity nodes, fixed-degree ELL edges, Hebbian updates (DESIGN.md 4.5).
+"""Memory graph: fixed-capacity nodes, fixed-degree ELL edges, Hebbian updates (docs/design.md,
+"Memory graph").
 
 Capacity `N` and degree `K` are fixed so every update is jittable and O(K). The layout is packed for
 Loop A, which changes one edge row and a few node rows per request and pays 1-3 us per array passed
@@ -498,8 +499,8 @@ def hebbian_update(graph: Graph, anchor, used, unused, *, strengthen_rate=0.05, 
 def neighbors(graph: Graph, node_id, *, exclude_synthetic: bool = False):
   """Neighbours of one node: `(ids i32[K], w f32[K], kind i32[K], mask bool[K])`.
 
-  With `exclude_synthetic`, `CREATIVE` and `ANALOGY` edges are masked out (DESIGN.md 4.5: synthetic
-  edges are always marked so retrieval can exclude them).
+  With `exclude_synthetic`, `CREATIVE` and `ANALOGY` edges are masked out (docs/design.md,
+  "Memory graph": synthetic edges are always marked so retrieval can exclude them).
   """
   ids, w, kind = graph.nbr[node_id], graph.w[node_id], graph.kind[node_id]
   mask = ids >= 0

@@ -1,4 +1,5 @@
-"""All-pairs cosine search at scale: an inverted file (IVF) and its exact reference (DESIGN.md 5).
+"""All-pairs cosine search at scale: an inverted file (IVF) and its exact reference
+(docs/design.md, "Candidate pairs").
 
 Loop C needs every pair of memories above a cosine threshold (near-duplicates at >= 0.95 for
 compression, high-value pairs at > 0.7 for consolidation). Exact all-pairs over 100,000 x 384 is

@@ -1,4 +1,5 @@
-"""Low-rank adapters: the micro-LoRA of Loop A and the base LoRA of Loop B (DESIGN.md 4.1).
+"""Low-rank adapters: the micro-LoRA of Loop A and the base LoRA of Loop B (docs/design.md,
+"LoRA adapters").
 
 LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685)
 adapts a frozen weight `W0: [d_in, d_out]` with a trainable low-rank product,
@@ -121,7 +122,9 @@ def delta(lora: LoRA, x: jax.Array, *, scale) -> jax.Array:
 
 
 def apply(lora: LoRA, x: jax.Array, y0: jax.Array, *, scale) -> jax.Array:
-  """The full adapted output `y0 + s (x A) B` given the base output `y0 = x W0` (DESIGN.md 4.1).
+  """The full adapted output `y0 + s (x A) B` given the base output `y0 = x W0`.
+
+  See docs/design.md, "LoRA adapters".
 
   Returns the adapted output, never a bare delta (a pitfall of the peer implementation). With
   `B = 0` it returns `y0` exactly.
@@ -142,9 +145,9 @@ def apply(lora: LoRA, x: jax.Array, y0: jax.Array, *, scale) -> jax.Array:
 def lora_grads(lora: LoRA, x: jax.Array, g: jax.Array, *, scale) -> LoRA:
   """Exact gradients of a loss w.r.t. the factors given `g = dL/dy` at the adapted output.
 
-  For `y = y0 + s (x A) B` (Hu et al. 2021; DESIGN.md 4.1) the gradients are rank-1 outer products,
-  `dB = s (x A)^T g: [r, d_out]` and `dA = s x^T (g B^T): [d_in, r]`. For a batch they are summed
-  over the leading axes (the gradient of a sum of per-example losses).
+  For `y = y0 + s (x A) B` (Hu et al. 2021; docs/design.md, "Micro-LoRA step") the gradients are
+  rank-1 outer products, `dB = s (x A)^T g: [r, d_out]` and `dA = s x^T (g B^T): [d_in, r]`. For a
+  batch they are summed over the leading axes (the gradient of a sum of per-example losses).
 
   Args:
     lora: `LoRA(a: f32[d_in, r], b: f32[r, d_out])`.
@@ -186,9 +189,9 @@ def micro_update_with_norm(
   """One clipped SGD step on the micro-LoRA, also returning the unclipped step norm.
 
   `A <- A - step_A`, `B <- B - step_B` with `step = lr * weight * grad` and the exact gradients of
-  `lora_grads` (DESIGN.md 4.1). When `clip` is given, each factor's step is rescaled separately to
-  Frobenius norm `<= clip` (DESIGN.md 4.1: unclipped SGD on the factors diverged at lr >= 0.1 in the
-  prototype, per-factor clipping at 0.25 was stable at lr 0.2).
+  `lora_grads` (docs/design.md, "Micro-LoRA step"). When `clip` is given, each factor's step is
+  rescaled separately to Frobenius norm `<= clip` (unclipped SGD on the factors diverged at
+  lr >= 0.1 in the prototype, per-factor clipping at 0.25 was stable at lr 0.2).
 
   The gradient is bilinear in its inputs, so it is computed from `x`, `g`, `A`, `B` each divided by
   its largest magnitude, the result normalised the same way, and the magnitudes recombined in log
@@ -297,7 +300,9 @@ def micro_update(
   scale=1.0,
   clip: float | jax.Array | None = None,
 ) -> LoRA:
-  """One clipped SGD step on the micro-LoRA; see `micro_update_with_norm` (DESIGN.md 4.1).
+  """One clipped SGD step on the micro-LoRA; see `micro_update_with_norm`.
+
+  See docs/design.md, "Micro-LoRA step".
 
   Args:
     micro: `LoRA(a: f32[d_in, r], b: f32[r, d_out])`.
@@ -324,10 +329,10 @@ def consolidate(
 ) -> tuple[LoRA, LoRA]:
   """Folds the micro adapter into the base in weight space, then resets the micro adapter.
 
-  DESIGN.md 4.1: `M = s_b A_b B_b + rate s_m A_m B_m = P Q^T` with `P = [s_b A_b, rate s_m A_m]:
-  [d_in, k]` and `Q = [B_b; B_m]^T: [d_out, k]`, `k = r_b + r_m`, has rank <= k. Its best rank-`r_b`
-  approximation (Eckart & Young 1936) follows from thin QR factorisations `P = Q_p R_p`,
-  `Q = Q_q R_q` and the SVD `R_p R_q^T = U S V^T` of the small core:
+  docs/design.md, "Consolidation": `M = s_b A_b B_b + rate s_m A_m B_m = P Q^T` with
+  `P = [s_b A_b, rate s_m A_m]: [d_in, k]` and `Q = [B_b; B_m]^T: [d_out, k]`, `k = r_b + r_m`,
+  has rank <= k. Its best rank-`r_b` approximation (Eckart & Young 1936) follows from thin QR
+  factorisations `P = Q_p R_p`, `Q = Q_q R_q` and the SVD `R_p R_q^T = U S V^T` of the small core:
   `M_rb = Q_p U_r S_r V_r^T Q_q^T`.
   The singular values are split symmetrically between the new factors,
   `A' = Q_p U_r sqrt(S_r) / sqrt(s_b)`, `B' = sqrt(S_r) V_r^T Q_q^T / sqrt(s_b)`, so

@@ -1,4 +1,5 @@
-"""Rolling daily metrics and `ImprovementMetrics` (DESIGN.md section 6, seed section 6).
+"""Rolling daily metrics and `ImprovementMetrics` (docs/design.md, "Metrics and retention"; seed
+section 6).
 
 The state keeps 30 rolling daily bins (`DailyBins`): row `day % 30` holds the sums of day `day`
 (days count from the time origin, `time // 86_400`). Loop B fills them from the signals it drains,

@@ -1,4 +1,4 @@
-"""Patterns and the ReasoningBank (DESIGN.md 4.6).
+"""Patterns and the ReasoningBank (docs/design.md, "Patterns and the ReasoningBank").
 
 Loop B clusters the trajectory embeddings of its buffer with `kmeans_pp` (spherical k-means:
 k-means++ seeding, then Lloyd iterations on the unit sphere), summarises each cluster with
@@ -482,7 +482,8 @@ def tier_estimates(bank: Bank, query, prior, *, k: int, temperature, strength) -
   """Per-tier success estimates: the nearest patterns' records, shrunk toward a prior.
 
   A nonparametric estimate in the spirit of nearest-neighbour and cluster routers (Li 2025,
-  arXiv 2505.12601; UniRoute, arXiv 2502.08773): the `k` alive patterns nearest to the query
+  arXiv 2505.12601; UniRoute, arXiv 2502.08773): the `k` alive extracted patterns (level 0; a
+  Loop C abstraction sums its members' records) nearest to the query
   (cosine `s_i`) each weigh in with `w_i = exp((s_i - s_max) / temperature)` (1 for the nearest),
   their per-tier successes and trials summed, `S_t = sum_i w_i succ_it`, `N_t = sum_i w_i cnt_it`.
   A Beta prior of mean `prior_t` and strength `m` (pseudo-trials) gives the posterior
@@ -513,7 +514,10 @@ def tier_estimates(bank: Bank, query, prior, *, k: int, temperature, strength) -
   >>> [round(v, 4) for v in e.mean.tolist()]  # (3 + 2 * 0.5) / (4 + 2); the prior when untried
   [0.6667, 0.5]
   """
-  ids, scores = find_patterns(bank, query, min(k, bank.capacity))
+  # Extracted patterns only: a Loop C abstraction's record is the sum of its members', so counting
+  # it beside them would count the same requests twice.
+  extracted = bank._replace(alive=bank.alive & (bank.level == 0))
+  ids, scores = find_patterns(extracted, query, min(k, bank.capacity))
   found = ids >= 0
   safe = jnp.where(found, ids, 0)
   best = scores[..., :1]

@@ -1,20 +1,21 @@
 """Integrated-information proxy: Phi_AR of a linear Gaussian VAR(1) model of the memory graph.
 
 Exact IIT Phi is intractable past a handful of nodes, so this module computes a documented
-*integrated-information proxy* (DESIGN.md 4.7), not Phi: the autoregressive integrated information
-Phi_AR of Barrett & Seth (2011), "Practical measures of integrated information for time-series
-data", PLoS Comput. Biol. 7(1): e1001052, in closed form for a linear Gaussian model of the graph.
+*integrated-information proxy* (docs/design.md, "Integration proxy"), not Phi: the autoregressive
+integrated information Phi_AR of Barrett & Seth (2011), "Practical measures of integrated
+information for time-series data", PLoS Comput. Biol. 7(1): e1001052, in closed form for a linear
+Gaussian model of the graph.
 
 Model. `W[i, j]` is the weight of the directed edge `i -> j` (the edge lives in row `i` of the
 graph): node `i` at time `t` drives node `j` at time `t + 1`. The system is the VAR(1)
 
     X_{t+1} = A X_t + e_t,   e_t ~ N(0, I),   A = s W^T,
 
-with `s = spectral_radius / rho(W)` (0.9 by default, DESIGN.md 4.7), lowered where needed so that
-no node's stationary variance exceeds `MAX_VARIANCE` (see `scale_factor`): without the cap a nearly
-feed-forward graph, whose spectral radius is tiny next to its path gains, gets astronomically large
-gains, and a feed-forward graph (a DAG, `rho(W) = 0`) is scaled by the cap alone. Only the
-direction of `W` matters: `W` and `c W` (`c > 0`) give the same value.
+with `s = spectral_radius / rho(W)` (0.9 by default, as the original design asks), lowered where
+needed so that no node's stationary variance exceeds `MAX_VARIANCE` (see `scale_factor`): without
+the cap a nearly feed-forward graph, whose spectral radius is tiny next to its path gains, gets
+astronomically large gains, and a feed-forward graph (a DAG, `rho(W) = 0`) is scaled by the cap
+alone. Only the direction of `W` matters: `W` and `c W` (`c > 0`) give the same value.
 
 Closed form (derivation). The stationary covariance solves the discrete Lyapunov equation
 `Sigma = A Sigma A^T + I`; the lag-1 covariance is `Gamma = Cov(X_{t+1}, X_t) = A Sigma`; the pair
@@ -268,10 +269,10 @@ def _scaled(w: np.ndarray, spectral_radius: float) -> tuple[float, np.ndarray | 
 def scale_factor(weights, *, spectral_radius: float = 0.9) -> float:
   """The gain `s` of `A = s W^T` used by `phi_ar` (0 for a zero matrix).
 
-  `s = spectral_radius / rho(W)` (DESIGN.md 4.7), capped so that the stationary variance of every
-  node stays `<= MAX_VARIANCE`: the largest such `s`, found by bisection (relative precision 1e-5).
-  The cap binds only when `rho(W)` is small next to the path gains of `W` (nearly feed-forward
-  graphs) and alone sets `s` for a DAG, where `rho(W) = 0`.
+  `s = spectral_radius / rho(W)` (docs/design.md, "Integration proxy"), capped so that the
+  stationary variance of every node stays `<= MAX_VARIANCE`: the largest such `s`, found by
+  bisection (relative precision 1e-5). The cap binds only when `rho(W)` is small next to the path
+  gains of `W` (nearly feed-forward graphs) and alone sets `s` for a DAG, where `rho(W) = 0`.
 
   Args:
     weights: f[n, n] weight matrix, `W[i, j]` the weight of edge `i -> j`.
@@ -753,11 +754,13 @@ def phi_ar(
   Args:
     weights: f[n, n] weight matrix, `W[i, j]` the weight of edge `i -> j`. Any real values; only
       the direction of `W` matters (it is rescaled). Non-finite entries raise `ValueError`.
-    spectral_radius: spectral radius of the model's `A`, in (0, 1) (DESIGN.md 4.7: 0.9).
+    spectral_radius: spectral radius of the model's `A`, in (0, 1) (0.9: docs/design.md,
+      "Integration proxy").
     exhaustive_max: search all bipartitions up to this many nodes (0-20), spectrally above.
-    measure: `"ar"`, Phi_AR (whole minus sum of the parts' one-step mutual information, as
-      specified by DESIGN.md 4.7), or `"si"`, the stochastic-interaction variant (the parts'
-      one-step conditional entropies minus the whole's; never negative). See the module docstring.
+    measure: `"ar"`, Phi_AR (whole minus sum of the parts' one-step mutual information, the
+      measure of docs/design.md, "Integration proxy"), or `"si"`, the stochastic-interaction
+      variant (the parts' one-step conditional entropies minus the whole's; never negative). See
+      the module docstring.
 
   Returns:
     A `PhiResult`; `phi >= 0` and finite. Fewer than 2 nodes, no edges, or a disconnected graph
@@ -843,7 +846,9 @@ def bipartition_phi(
 
 
 def graph_phi(graph, cfg, *, measure: str = "ar") -> PhiReport:
-  """Integrated-information proxy (Phi_AR, see `phi_ar`) of the memory graph (DESIGN.md 4.7).
+  """Integrated-information proxy (Phi_AR, see `phi_ar`) of the memory graph.
+
+  See docs/design.md, "Integration proxy".
 
   Uses the `cfg.phi_max_nodes` most-accessed alive nodes (ties by id) and the edges among them (all
   kinds), with `W[i, j]` the weight of the edge `i -> j` held in row `i`. Host NumPy float64.

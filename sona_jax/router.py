@@ -1,4 +1,4 @@
-"""The model-tier router: a FastGRNN over request features (DESIGN.md 4.3).
+"""The model-tier router: a FastGRNN over request features (docs/design.md, "Routing").
 
 FastGRNN (Kusupati et al. 2018, "FastGRNN: A Fast, Accurate, Stable and Tiny Kilobyte Sized Gated
 Recurrent Neural Network", NeurIPS) is a gated RNN whose gate and update share one pre-activation:
@@ -189,7 +189,7 @@ def router_apply_fn(
 
 
 class RouterState(NamedTuple):
-  """The router's trainable state (DESIGN.md 4.3).
+  """The router's trainable state (docs/design.md, "Router training").
 
   Attributes:
     params: the `Router` parameter pytree (`{"cell": {...}, "head": {"kernel", "bias"}}`).
@@ -245,7 +245,9 @@ def router_features(
   *,
   max_latency_ratio: float = 4.0,
 ) -> jax.Array:
-  """The router's input vector for one request (DESIGN.md 4.3), `F = P + 2 + n_tiers`.
+  """The router's input vector for one request, `F = P + 2 + n_tiers`.
+
+  See docs/design.md, "FastGRNN router".
 
   Leading batch axes `...` are allowed and must agree across the arguments.
 
@@ -292,10 +294,10 @@ def predict(params, apply_fn: Callable, x_seq: jax.Array) -> jax.Array:
 def route(probs: jax.Array, tier_costs: jax.Array, threshold, key: jax.Array, epsilon) -> jax.Array:
   """Chooses a tier: the cheapest one predicted to succeed, explored epsilon-greedily.
 
-  Greedy choice (DESIGN.md 4.3): the lowest-cost tier with `probs >= threshold` (ties go to the
-  lower index), else the `argmax` of `probs`. With probability `epsilon` a uniformly random tier is
-  taken instead, so tiers the greedy rule never picks keep getting feedback. Non-finite
-  probabilities count as 0.
+  Greedy choice (the original design's rule; docs/design.md, "Routing by calibrated estimates"):
+  the lowest-cost tier with `probs >= threshold` (ties go to the lower index), else the `argmax` of
+  `probs`. With probability `epsilon` a uniformly random tier is taken instead, so tiers the greedy
+  rule never picks keep getting feedback. Non-finite probabilities count as 0.
 
   Args:
     probs: f32[n_tiers] predicted success probabilities.
@@ -418,7 +420,9 @@ def router_step(
   success: jax.Array,
   mask: jax.Array,
 ) -> tuple[RouterState, jax.Array]:
-  """One optimiser step on the partial-feedback loss of served requests (DESIGN.md 4.3).
+  """One optimiser step on the partial-feedback loss of served requests.
+
+  See docs/design.md, "Router training".
 
   The loss is the binary cross-entropy of the served tier's logit against its observed outcome,
   averaged over valid samples; unserved tiers get no loss (their outcome is unknown), so their head

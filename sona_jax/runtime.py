@@ -34,9 +34,9 @@ def configure_cpu_low_latency(*, pin_cpu: int | None = None) -> dict:
   - XLA:CPU's concurrency-optimised scheduler (`LOW_LATENCY_XLA_FLAG` appended to `XLA_FLAGS`),
     which must be set before JAX starts its backend.
 
-  Measured on a 2-core machine (DESIGN.md section 3): a full Loop A prototype at dim 768 went from
-  116 us to 35 us p50. Both settings are process-wide, so the library never changes them on import.
-  On GPU/TPU they change nothing that matters.
+  Measured on a 2-core machine: a full Loop A prototype at dim 768 went from 116 us to 35 us p50
+  (docs/design.md, "Hot path", says why dispatch dominates). Both settings are process-wide, so
+  the library never changes them on import. On GPU/TPU they change nothing that matters.
 
   `pin_cpu` additionally pins the calling thread, and every thread started after it (XLA's
   intra-op pool included, when called before JAX starts), to one CPU. XLA:CPU runs independent

@@ -1,4 +1,5 @@
-"""Devices and hosts: tenants and signal batches sharded with JAX's own engine (DESIGN.md 8).
+"""Devices and hosts: tenants and signal batches sharded with JAX's own engine (docs/design.md,
+"Scale").
 
 Nothing here is a home-made distribution scheme: a `jax.sharding.Mesh` names the devices (of one
 process, or of every process after `jax.distributed.initialize`), a `NamedSharding` says how an

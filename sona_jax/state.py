@@ -1,4 +1,4 @@
-"""`SonaState`: the whole learning state as one pytree of arrays (DESIGN.md section 3).
+"""`SonaState`: the whole learning state as one pytree of arrays (docs/design.md, "SonaState").
 
 No Python scalars and no hyperparameters live in the state: counters are `int32` arrays, time is
 `int32` seconds since an origin that the driver keeps in checkpoint metadata, and the config travels
@@ -109,7 +109,8 @@ def router_features_width(cfg: SonaConfig) -> int:
 
 @functools.cache
 def router_optimizer(cfg: SonaConfig) -> optax.GradientTransformation:
-  """The router's optimiser: the EWC++ penalty gradient, then Adam (DESIGN.md 4.2, 4.3)."""
+  """The router's optimiser: the EWC++ penalty gradient, then Adam (docs/design.md, "EWC++",
+  "Router training")."""
   return optax.chain(ewc.ewc_regularize(cfg.ewc_lambda), optax.adam(cfg.router_lr))
 
 

@@ -1,4 +1,4 @@
-"""Many tenants: one learner per tenant, stacked along a leading axis (DESIGN.md section 8).
+"""Many tenants: one learner per tenant, stacked along a leading axis (docs/design.md, "Scale").
 
 A tenant's state is a `SonaState`; `n` tenants are one `SonaState` whose every leaf has a leading
 tenant axis of length `n` (`init_tenants`). Loop A and Loop B run on all of them at once under

@@ -1,9 +1,9 @@
 """Contracts between inference code and the loops: `Interaction`, signals and trajectories.
 
-An `Interaction` is what inference code reports for one request (DESIGN.md section 3). Its fields
-have fixed shapes so Loop A never retraces. Shapes and dtypes are checked at the boundary (a wrong
-one raises `ValueError` before any jit); values are checked inside Loop A, where a bad one is masked
-out and counted, never raised.
+An `Interaction` is what inference code reports for one request (docs/design.md,
+"Interactions and packed rows"). Its fields have fixed shapes so Loop A never retraces. Shapes and
+dtypes are checked at the boundary (a wrong one raises `ValueError` before any jit); values are
+checked inside Loop A, where a bad one is masked out and counted, never raised.
 
 On the per-request path an interaction crosses into jitted code as ONE packed `f32` vector: a jitted
 call costs 1-3 us per pytree leaf passed in, and an interaction has 13 fields. Integer fields travel

@@ -1,5 +1,5 @@
-"""Tests of `sona_jax.ewc` (DESIGN.md 4.2) against NumPy float64, `jax.grad`, and forgetting on
-scikit-learn's digits."""
+"""Tests of `sona_jax.ewc` (docs/design.md, "EWC++") against NumPy float64, `jax.grad`, and
+forgetting on scikit-learn's digits."""
 
 import chex
 import jax

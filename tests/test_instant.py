@@ -93,9 +93,9 @@ def test_accepted_step_updates_everything_it_should():
 
 
 def test_feedback_step_matches_design_formula():
-  """The micro step equals micro_update with g = -(1 - q) t / |t| (DESIGN.md 4.1), where t is
+  """The micro step equals micro_update with g = -(1 - q) t / |t| (docs/design.md), where t is
   mean(used) - mean(unused) taken in the tangent space of the adapted query (the correction this
-  library makes to DESIGN.md, see loops/instant.py), checked against NumPy float64."""
+  library makes to the original design, see loops/instant.py), checked against NumPy float64."""
   state, _ = _state_with_memories()
   it = _good(quality=0.2)
   emb = np.asarray(state.graph.emb, np.float64)

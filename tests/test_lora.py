@@ -1,4 +1,5 @@
-"""Tests of `sona_jax.lora` (DESIGN.md 4.1) against `jax.grad` and NumPy float64 references."""
+"""Tests of `sona_jax.lora` (docs/design.md, "Loop A") against `jax.grad` and NumPy float64
+references."""
 
 import chex
 import hypothesis
@@ -96,7 +97,7 @@ def test_lora_grads_linear_loss_matches_jax_grad():
   grads = lo.lora_grads(micro, x, t, scale=scale)
   np.testing.assert_allclose(grads.a, ref.a, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(grads.b, ref.b, rtol=1e-5, atol=1e-6)
-  # And the closed forms of DESIGN.md 4.1 in float64.
+  # And the closed forms of docs/design.md ("Micro-LoRA step") in float64.
   a, b, x64, t64 = _f64(micro.a), _f64(micro.b), _f64(x), _f64(t)
   np.testing.assert_allclose(grads.b, scale * np.outer(x64 @ a, t64), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(grads.a, scale * np.outer(x64, t64 @ b.T), rtol=1e-5, atol=1e-6)

@@ -1,5 +1,6 @@
-"""Integrated-information proxy (Phi_AR, DESIGN.md 4.7): the closed form against a simulated VAR(1),
-the MIB searches against brute force, the design's properties, and `graph_phi`'s node selection."""
+"""Integrated-information proxy (Phi_AR, docs/design.md, "Integration proxy"): the closed form
+against a simulated VAR(1), the MIB searches against brute force, the design's properties, and
+`graph_phi`'s node selection."""
 
 import itertools
 

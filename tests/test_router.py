@@ -1,5 +1,6 @@
-"""Tests of `sona_jax.router` (DESIGN.md 4.3): FastGRNN (Kusupati et al. 2018) against a NumPy
-float64 reference, the routing rule, the partial-feedback step, and learning on scikit-learn digits.
+"""Tests of `sona_jax.router` (docs/design.md, "Routing"): FastGRNN (Kusupati et al. 2018) against a
+NumPy float64 reference, the routing rule, the partial-feedback step, and learning on scikit-learn
+digits.
 
 Optimisers are `optax.sgd` / `optax.rmsprop`: `optax.adam`'s bias correction computes
 `float ** int32`, which the strict dtype promotion of `conftest.py` rejects.

@@ -69,6 +69,25 @@ def test_tier_estimates_keep_the_prior_with_no_records_and_follow_many_records()
   np.testing.assert_allclose(est.mean, [6 / 8, 1.0], atol=1e-3)  # pattern 0's own rates
 
 
+def test_tier_estimates_leave_out_loop_c_abstractions_whose_records_sum_their_members():
+  bank = _tiny_bank()
+  # Slot 3 becomes an abstraction of patterns 0 and 1 at the query's own direction (cosine 1):
+  # its record sums theirs. Counted beside them it would count the same requests twice.
+  meta = bank._replace(
+    centroid=bank.centroid.at[3].set(jnp.array([1.0, 0.0])),
+    alive=bank.alive.at[3].set(True),
+    level=bank.level.at[3].set(1),
+    tier_success=bank.tier_success.at[3].set(bank.tier_success[0] + bank.tier_success[1]),
+    tier_count=bank.tier_count.at[3].set(bank.tier_count[0] + bank.tier_count[1]),
+  )
+  args = (jnp.array([1.0, 0.0]), jnp.array([0.5, 0.8]))
+  kw = dict(k=2, temperature=0.5, strength=4.0)
+  with_meta = patterns.tier_estimates(meta, *args, **kw)
+  without = patterns.tier_estimates(bank, *args, **kw)
+  np.testing.assert_array_equal(with_meta.alpha, without.alpha)
+  np.testing.assert_array_equal(with_meta.evidence, without.evidence)
+
+
 def test_decide_threshold_and_cost_rules_on_constructed_probabilities():
   costs = jnp.array([1.0, 3.0, 10.0])
   p = jnp.array([0.70, 0.95, 0.99])

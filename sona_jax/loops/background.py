@@ -1,4 +1,4 @@
-"""Loop B: the hourly background cycle (DESIGN.md section 5, seed section 3).
+"""Loop B: the hourly background cycle (docs/design.md, "Loop B"; seed section 3).
 
 `background_step(state, cfg, now)` drains the learning signals Loop A pushed since the last cycle
 (each signal is consumed exactly once: the ring buffer's read cursor moves past it), then:

@@ -1,4 +1,4 @@
-"""Loop C: the weekly deep cycle (DESIGN.md section 5, seed section 4).
+"""Loop C: the weekly deep cycle (docs/design.md, "Loop C"; seed section 4).
 
 `deep_step(state, cfg, now)` runs the seed's six phases in order, each a function with its own
 report, and times each:

@@ -2,13 +2,13 @@
 
 `instant_step(state, interaction, cfg)` validates the interaction, records its trajectory, applies
 the Hebbian edge updates, takes one micro-LoRA step and pushes the learning signal for Loop B, all
-in one jitted call (DESIGN.md section 5, seed section 2).
+in one jitted call (docs/design.md, "Loop A"; seed section 2).
 
-Hot-path economy (DESIGN.md section 3): on CPU a per-request call costs mostly dispatch, 1-3 us per
-array passed in. So the call takes only the sub-state Loop A changes (`LoopAState`: the micro-LoRA,
-the packed edge and node arrays, the two ring buffers and the counters), donates it so every update
-happens in place, reads the base LoRA and the embedding table without copying, receives the
-interaction as ONE packed vector (`types.pack`), reads embedding rows with unrolled
+Hot-path economy (docs/design.md, "Hot path"): on CPU a per-request call costs mostly dispatch,
+1-3 us per array passed in. So the call takes only the sub-state Loop A changes (`LoopAState`: the
+micro-LoRA, the packed edge and node arrays, the two ring buffers and the counters), donates it so
+every update happens in place, reads the base LoRA and the embedding table without copying,
+receives the interaction as ONE packed vector (`types.pack`), reads embedding rows with unrolled
 `dynamic_slice` (an XLA:CPU gather on the large table costs more) and node rows with one small
 gather, and never retraces after the first call.
 
@@ -334,17 +334,19 @@ def _feedback_batch(base, emb, its: types.Interaction, lr, cfg: SonaConfig) -> _
 
 
 def _learn(micro, f: _Feedback, reasons, cfg: SonaConfig):
-  """The micro-LoRA step of one interaction (DESIGN.md 4.1), applied only when it is accepted.
+  """The micro-LoRA step of one interaction, applied only when it is accepted.
 
-  The gradient at the adapted query `y_hat` is the caller's `grad` (supervised), or from feedback
-  `g = -(1 - q) t / |t|`: move the adapted query toward used memories and away from unused ones,
-  more strongly the worse the answer; never by a signed advantage (DESIGN.md 4.1 explains why).
-  DESIGN.md's cases (used - unused, used - y_hat, y_hat - unused) are taken in the tangent space
-  of y_hat, `t = diff - (diff . u) u` with `u = y_hat / |y_hat|`: retrieval is by cosine, and the
-  radial part only rescales y_hat. Left in, it is harmful: with only unused memories,
-  `y_hat - mean(unused)` pushes y_hat along itself, drift included, and on the load_digits drift
-  stream the adapter learnt to amplify the drift (precision@5 0.63 -> 0.10). Projected, every
-  case is the cosine gradient of used minus unused memories.
+  See docs/design.md, "Micro-LoRA step", and "The feedback rule's tangent space" for the change
+  from the original rule. The gradient at the adapted query `y_hat` is the caller's `grad`
+  (supervised), or from feedback `g = -(1 - q) t / |t|`: move the adapted query toward used
+  memories and away from unused ones, more strongly the worse the answer; never by a signed
+  advantage (the design document says why). The original rule's cases (used - unused,
+  used - y_hat, y_hat - unused) are taken in the tangent space of y_hat, `t = diff - (diff . u) u`
+  with `u = y_hat / |y_hat|`: retrieval is by cosine, and the radial part only rescales y_hat.
+  Left in, it is harmful: with only unused memories, `y_hat - mean(unused)` pushes y_hat along
+  itself, drift included, and on the load_digits drift stream the adapter learnt to amplify the
+  drift (precision@5 0.63 -> 0.10). Projected, every case is the cosine gradient of used minus
+  unused memories.
 
   The step is `lora.micro_update_fast` written out so that all its inner products over `dim` come
   from three multiply-and-sums (each reduction is a kernel of its own on CPU, and this chain is
