@@ -1,6 +1,6 @@
 """Patterns and the ReasoningBank (docs/design.md, "Patterns and the ReasoningBank").
 
-Loop B clusters the trajectory embeddings of its buffer with `kmeans_pp` (spherical k-means:
+Loop B clusters the query embeddings of the signals it drains with `kmeans_pp` (spherical k-means:
 k-means++ seeding, then Lloyd iterations on the unit sphere), summarises each cluster with
 `pattern_stats`, and folds the clusters into a fixed-capacity `Bank` with `merge_patterns`: a
 new pattern merges into its nearest alive level-0 neighbour when their cosine is at least a
