@@ -1005,32 +1005,19 @@ def routing_benchmark(
         apgr=mean([r["apgr_oracle"] for r in ours]) if key == "oracle" else None,
       )
     )
-  rows.append(
-    dict(
-      name="best random mix of tiers (curve)",
-      cost=float("nan"),
-      success=float("nan"),
-      apgr=mean([r["apgr_random_mix"] for r in ours]),
-    )
-  )
-  for part in ("head", "bank"):
-    rows.append(
-      dict(
-        name=f"estimates: {'router head' if part == 'head' else 'bank records'} alone",
-        cost=float("nan"),
-        success=float("nan"),
-        apgr=mean([r[f"apgr_{part}_alone"] for r in ours]),
-        ece=mean([r[f"ece_{part}_alone"] for r in ours]),
-      )
-    )
-  rows.append(
-    dict(
-      name="full-information 20-NN (reference)",
-      cost=float("nan"),
-      success=float("nan"),
-      apgr=mean([r["apgr_full_information"] for r in ours]),
-    )
-  )
+
+  def curve(name: str, apgr_key: str, ece_key: str | None = None) -> dict:
+    """A row that is a quality-for-cost curve (APGR), not one operating point."""
+    row = dict(name=name, cost=float("nan"), success=float("nan"))
+    row["apgr"] = mean([r[apgr_key] for r in ours])
+    if ece_key is not None:
+      row["ece"] = mean([r[ece_key] for r in ours])
+    return row
+
+  rows.append(curve("best random mix of tiers (curve)", "apgr_random_mix"))
+  rows.append(curve("estimates: router head alone", "apgr_head_alone", "ece_head_alone"))
+  rows.append(curve("estimates: bank records alone", "apgr_bank_alone", "ece_bank_alone"))
+  rows.append(curve("full-information 20-NN (reference)", "apgr_full_information"))
   rows.append(
     dict(
       name="sona_jax router before learning",

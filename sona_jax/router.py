@@ -310,11 +310,7 @@ def route(probs: jax.Array, tier_costs: jax.Array, threshold, key: jax.Array, ep
     i32[] the chosen tier.
   """
   probs = jnp.asarray(probs, jnp.float32)
-  probs = jnp.where(jnp.isfinite(probs), probs, 0.0)
-  costs = jnp.asarray(tier_costs, jnp.float32)
-  ok = probs >= threshold
-  cheapest_ok = jnp.argmin(jnp.where(ok, costs, jnp.inf))
-  greedy = jnp.where(jnp.any(ok), cheapest_ok, jnp.argmax(probs))
+  greedy = decide(probs, tier_costs, threshold, jnp.nan)  # the threshold rule
   k_explore, k_tier = jax.random.split(key)
   explore = jax.random.uniform(k_explore, (), jnp.float32) < epsilon
   random_tier = jax.random.randint(k_tier, (), 0, probs.shape[-1], jnp.int32)
