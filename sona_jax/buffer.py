@@ -59,6 +59,7 @@ __all__ = [
   "init_buffer",
   "push",
   "push_many",
+  "recent",
   "since",
   "to_list",
   "unread",
@@ -289,6 +290,49 @@ def since(buf: RingBuffer, cursor: Any) -> tuple[Any, jax.Array, jax.Array, jax.
     return jnp.where(m, rows, jnp.zeros_like(rows))
 
   return jax.tree.map(gather, buf.data), mask, n_new, missed
+
+
+def recent(buf: RingBuffer, n: int) -> tuple[Any, jax.Array]:
+  """A window of `n` record slots that holds the newest record, without copying the ring in order.
+
+  For reading many recent records at once (e.g. a nearest-neighbour lookup over them), where order
+  does not matter and a gather of the whole ring would cost more than the lookup. The window is
+  the `n` slots ending at the newest record; once the ring has wrapped past the window's start it is
+  slots `[0, n)`: the newest `head` records and the oldest `n - head` ones. Either way it holds
+  `min(n, size)` valid records, the newest among them.
+
+  Args:
+    buf: the buffer.
+    n: window length (static); at least the capacity reads every slot.
+
+  Returns:
+    `(records, valid)`: `records` has the structure of `buf.data` with leading axis `min(n,
+    capacity)` (slots in ring order, not time order); `valid: bool[min(n, capacity)]` marks the
+    slots holding a record.
+
+  Examples:
+    >>> buf = init_buffer(jnp.zeros((), jnp.float32), capacity=4)
+    >>> for v in (1.0, 2.0, 3.0, 4.0, 5.0):
+    ...   buf = push(buf, jnp.float32(v))
+    >>> rows, valid = recent(buf, 2)  # head is slot 1 after the wrap: slots 0 and 1
+    >>> rows.tolist(), valid.tolist()
+    ([5.0, 2.0], [True, True])
+    >>> rows, valid = recent(init_buffer(jnp.zeros((), jnp.float32), 4), 2)
+    >>> valid.tolist()
+    [False, False]
+  """
+  cap = capacity(buf)
+  n = min(int(n), cap)
+  head, size = buf.meta[HEAD], buf.meta[SIZE]
+  if n == cap:
+    start = jnp.int32(0)
+    records = buf.data
+  else:
+    start = jnp.clip(head - n, 0, cap - n)
+    records = jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, start, n, axis=0), buf.data)
+  slots = start + jnp.arange(n, dtype=jnp.int32)
+  age = (head - 1 - slots) % cap  # 0 for the newest record
+  return records, age < size
 
 
 def consume(buf: RingBuffer) -> tuple[RingBuffer, Any, jax.Array]:

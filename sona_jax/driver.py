@@ -124,7 +124,7 @@ class Routing(NamedTuple):
   propensity: jax.Array
 
 
-def _estimates(bank, proj, params, x, context_tokens, latency_ratio, cfg):
+def _estimates(bank, proj, params, signals, x, context_tokens, latency_ratio, cfg):
   # Only the leaves routing reads go in: a jitted call costs 1-3 us per leaf passed.
   sig = types.Signal(
     query=x[None],
@@ -139,8 +139,20 @@ def _estimates(bank, proj, params, x, context_tokens, latency_ratio, cfg):
   )
   feats = signal_features(sig, bank, proj, cfg)[0]  # [1, F]
   head = router.predict(params, router_apply(cfg), feats)
-  return patterns.tier_estimates(
-    bank,
+  rows = cfg.router_memory_rows
+  if rows == 0:
+    ones = jnp.ones_like(head)
+    strength = jnp.float32(cfg.router_prior_strength)
+    return patterns.TierEstimate(head, strength * head, strength * (ones - head), 0.0 * head)
+  records, valid = buffer.recent(signals, rows)
+  rec = types.unpack_signals(records, cfg)
+  # The same labels Loop B trains the router head on (`loops.background`).
+  success = (rec.quality >= cfg.success_threshold).astype(jnp.float32)
+  return patterns.neighbour_estimates(
+    rec.query,
+    rec.tier,
+    success,
+    valid,
     x,
     head,
     k=cfg.router_neighbours,
@@ -149,17 +161,17 @@ def _estimates(bank, proj, params, x, context_tokens, latency_ratio, cfg):
   )
 
 
-_tier_estimates = jax.jit(_estimates, static_argnums=6)
+_tier_estimates = jax.jit(_estimates, static_argnums=7)
 
 
-@functools.partial(jax.jit, static_argnums=12)
+@functools.partial(jax.jit, static_argnums=13)
 def _route(
-  bank, proj, params, x, context_tokens, latency_ratio, key, count, threshold, cost_weight,
+  bank, proj, params, signals, x, context_tokens, latency_ratio, key, count, threshold, cost_weight,
   epsilon, thompson, cfg,
 ):  # fmt: skip
   # The request's key is folded in here: an eager `fold_in` per request cost ~150 us on CPU.
   key = jax.random.fold_in(key, count)
-  est = _estimates(bank, proj, params, x, context_tokens, latency_ratio, cfg)
+  est = _estimates(bank, proj, params, signals, x, context_tokens, latency_ratio, cfg)
   costs = jnp.asarray(cfg.tier_costs, jnp.float32)
   tier, propensity = router.choose(
     est.alpha, est.beta, costs, threshold, cost_weight, key, epsilon, thompson
@@ -174,6 +186,7 @@ def _route_call(state, x, cfg, key, count, context_tokens, latency_ratio, thresh
     state.bank,
     state.router_proj,
     state.router.params,
+    state.signals,
     x,
     np.int32(context_tokens),
     np.float32(latency_ratio),
@@ -250,6 +263,7 @@ def tier_success(state: SonaState, query, cfg: SonaConfig, *, context_tokens=0, 
     state.bank,
     state.router_proj,
     state.router.params,
+    state.signals,
     x,
     np.int32(context_tokens),
     np.float32(latency_ratio),

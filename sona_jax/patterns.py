@@ -23,6 +23,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 __all__ = [
   "KMeansResult",
@@ -37,6 +38,7 @@ __all__ = [
   "pattern_value",
   "find_patterns",
   "TierEstimate",
+  "neighbour_estimates",
   "tier_estimates",
   "record_access",
   "export",
@@ -525,6 +527,64 @@ def tier_estimates(bank: Bank, query, prior, *, k: int, temperature, strength) -
   succ = jnp.einsum("...k,...kt->...t", w, bank.tier_success[safe])
   cnt = jnp.einsum("...k,...kt->...t", w, bank.tier_count[safe])
   prior = jnp.clip(jnp.asarray(prior, jnp.float32), 1e-3, 1.0 - 1e-3)
+  alpha = succ + strength * prior
+  beta = jnp.maximum(cnt - succ, 0.0) + strength * (1.0 - prior)
+  return TierEstimate(alpha / (alpha + beta), alpha, beta, cnt)
+
+
+def neighbour_estimates(
+  keys, tiers, successes, valid, query, prior, *, k: int, temperature, strength
+) -> TierEstimate:
+  """Per-tier success estimates from the nearest recorded outcomes of each tier, shrunk to a prior.
+
+  A k-nearest-neighbour estimate under partial feedback (one tier's outcome per record; kNN-UCB,
+  Reeve et al. 2018; nearest-neighbour routers, Li 2025, arXiv 2505.12601): for each tier `t`, the
+  `k` valid records served by `t` nearest to the query (cosine `s_i`) weigh in with
+  `w_i = exp((s_i - s_max,t) / temperature)` (1 for that tier's nearest record), giving
+  `S_t = sum_i w_i success_i` and `N_t = sum_i w_i`, and a Beta prior of mean `prior_t` and strength
+  `m` gives
+
+    alpha_t = S_t + m prior_t,  beta_t = N_t - S_t + m (1 - prior_t),  mean_t = alpha_t / (m + N_t).
+
+  The driver reads the records from the learning-signal ring (`buffer.recent`) and takes the prior
+  from the router head (docs/design.md, "Routing").
+
+  Args:
+    keys: f32[M, d] the records' query embeddings.
+    tiers: i32[M] the tier each record was served by (others are ignored).
+    successes: f32[M] the outcome in [0, 1].
+    valid: bool[M] which records exist.
+    query: f32[d] the query embedding.
+    prior: f32[T] prior success probabilities (clipped to [1e-3, 1 - 1e-3]).
+    k: neighbours per tier (static; at most M are read).
+    temperature: proximity temperature (> 0).
+    strength: prior strength `m` in pseudo-trials (> 0).
+
+  Returns:
+    `TierEstimate(mean, alpha, beta, evidence)` with f32[T] fields (`evidence` is `N_t`).
+
+  Examples:
+    >>> keys = jnp.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    >>> e = neighbour_estimates(keys, jnp.array([0, 0, 1]), jnp.array([1.0, 0.0, 1.0]),
+    ...                         jnp.array([True, True, True]), jnp.array([1.0, 0.0]),
+    ...                         jnp.array([0.5, 0.5]), k=2, temperature=1.0, strength=2.0)
+    >>> # tier 0: two records at cosine 1, one success: (1 + 2 * 0.5) / (2 + 2) = 0.5; tier 1:
+    >>> # one record at cosine 0 (its tier's nearest: weight 1), a success: (1 + 1) / (1 + 2)
+    >>> [round(v, 4) for v in e.mean.tolist()], e.evidence.tolist()
+    ([0.5, 0.6667], [2.0, 1.0])
+  """
+  keys = jnp.asarray(keys, jnp.float32)
+  q = jnp.asarray(query, jnp.float32)
+  prior = jnp.clip(jnp.asarray(prior, jnp.float32), 1e-3, 1.0 - 1e-3)
+  n_tiers = prior.shape[-1]
+  sims = (keys @ q) * lax.rsqrt(jnp.maximum(jnp.sum(keys * keys, -1) * jnp.dot(q, q), 1e-24))
+  own = valid[None, :] & (tiers[None, :] == jnp.arange(n_tiers, dtype=jnp.int32)[:, None])
+  near, idx = lax.top_k(jnp.where(own, sims[None, :], -jnp.inf), min(k, keys.shape[0]))  # [T, k]
+  found = jnp.isfinite(near)
+  near = jnp.where(found, near, 0.0)
+  w = jnp.where(found, jnp.exp((near - near[:, :1]) / temperature), 0.0)
+  succ = jnp.sum(w * jnp.asarray(successes, jnp.float32)[idx], -1)
+  cnt = jnp.sum(w, -1)
   alpha = succ + strength * prior
   beta = jnp.maximum(cnt - succ, 0.0) + strength * (1.0 - prior)
   return TierEstimate(alpha / (alpha + beta), alpha, beta, cnt)

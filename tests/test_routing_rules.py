@@ -88,6 +88,85 @@ def test_tier_estimates_leave_out_loop_c_abstractions_whose_records_sum_their_me
   np.testing.assert_array_equal(with_meta.evidence, without.evidence)
 
 
+def test_neighbour_estimates_equal_the_per_tier_weighted_records_computed_by_hand():
+  s = math.sqrt(0.5)
+  keys = jnp.array([[2.0, 0.0], [s, s], [0.0, 3.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+  tiers = jnp.array([0, 0, 0, 1, 1, 0], jnp.int32)
+  succ = jnp.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+  valid = jnp.array([True, True, True, True, True, False])  # the last record does not exist
+  prior = jnp.array([0.5, 0.8])
+  est = patterns.neighbour_estimates(
+    keys, tiers, succ, valid, jnp.array([3.0, 0.0]), prior, k=2, temperature=0.5, strength=4.0
+  )
+  # Tier 0: its 2 nearest valid records are 0 (cosine 1, w = 1, success) and 1 (cosine 0.70711,
+  # w = exp((0.70711 - 1) / 0.5) = 0.55681, failure); record 2 (cosine 0) is third, record 5 is
+  # not valid. Tier 1: records 3 and 4 (both cosine 1, w = 1), one success.
+  w1 = math.exp((s - 1.0) / 0.5)
+  alpha = [1.0 + 4 * 0.5, 1.0 + 4 * 0.8]
+  beta = [w1 + 4 * 0.5, 1.0 + 4 * 0.2]
+  np.testing.assert_allclose(est.alpha, alpha, rtol=1e-6)
+  np.testing.assert_allclose(est.beta, beta, rtol=1e-5)
+  np.testing.assert_allclose(est.evidence, [1.0 + w1, 2.0], rtol=1e-6)
+  # Tier 0: 3 / (1.55681 + 4) = 0.53988; tier 1: 4.2 / 6 = 0.7.
+  assert float(est.mean[0]) == pytest.approx(0.53988, abs=1e-4)
+  assert float(est.mean[1]) == pytest.approx(0.7, abs=1e-6)
+  # A tier with no valid record keeps the prior; one with many follows its records.
+  none = patterns.neighbour_estimates(
+    keys, tiers, succ, jnp.zeros(6, bool), jnp.array([1.0, 0.0]), prior, k=3, temperature=0.1,
+    strength=2.0,
+  )  # fmt: skip
+  np.testing.assert_allclose(none.mean, [0.5, 0.8], rtol=1e-6)
+  many = patterns.neighbour_estimates(
+    jnp.ones((500, 2)), jnp.zeros(500, jnp.int32), jnp.ones(500), jnp.ones(500, bool),
+    jnp.array([1.0, 1.0]), prior, k=400, temperature=0.1, strength=2.0,
+  )  # fmt: skip
+  assert float(many.mean[0]) == pytest.approx((400 + 1.0) / 402, rel=1e-5)
+
+
+def test_buffer_recent_window_holds_the_newest_records_and_marks_the_valid_slots():
+  from sona_jax import buffer
+
+  buf = buffer.init_buffer(jnp.zeros((), jnp.float32), capacity=5)
+  rows, valid = buffer.recent(buf, 3)
+  assert rows.shape == (3,) and not bool(valid.any())
+  for v in range(1, 4):  # slots 0-2 hold 1, 2, 3; head 3
+    buf = buffer.push(buf, jnp.float32(v))
+  rows, valid = buffer.recent(buf, 2)  # the window ends at the newest: slots 1-2
+  assert rows.tolist() == [2.0, 3.0] and valid.tolist() == [True, True]
+  rows, valid = buffer.recent(buf, 4)  # slots 0-3: slot 3 never written
+  assert rows.tolist()[:3] == [1.0, 2.0, 3.0] and valid.tolist() == [True, True, True, False]
+  for v in range(4, 8):  # 7 records in 5 slots: slots hold 6, 7, 3, 4, 5; head 2
+    buf = buffer.push(buf, jnp.float32(v))
+  rows, valid = buffer.recent(buf, 3)  # wrapped: slots 0-2, the 2 newest and the oldest
+  assert rows.tolist() == [6.0, 7.0, 3.0] and bool(valid.all())
+  rows, valid = buffer.recent(buf, 99)  # at least the capacity: every slot
+  assert sorted(rows.tolist()) == [3.0, 4.0, 5.0, 6.0, 7.0] and bool(valid.all())
+
+
+def test_route_estimates_follow_the_outcomes_just_observed_and_memory_0_is_the_head():
+  cfg = CFG.replace(
+    n_tiers=2, tier_costs=(1.0, 10.0), router_neighbours=4, router_prior_strength=1.0
+  )
+  engine = sona.Sona(cfg, key=jax.random.key(0))
+  q = np.eye(8, dtype=np.float32)[0]
+  head = sona.tier_success(engine.state, q, cfg.replace(router_memory=0))
+  before = engine.tier_success(q)
+  np.testing.assert_allclose(before, head, rtol=1e-6)  # no signal yet: the head's prediction
+  for quality in (0.0, 0.0, 0.0, 0.0):  # tier 0 failed 4 times on this query
+    engine.observe(sona.make_interaction(cfg, query=q, quality=quality, tier=0))
+  for quality in (1.0, 1.0, 1.0, 1.0):  # tier 1 succeeded 4 times
+    engine.observe(sona.make_interaction(cfg, query=q, quality=quality, tier=1))
+  after = engine.tier_success(q)
+  # 4 neighbours at cosine 1 (weight 1 each) and the head's prior with strength 1, no Loop B run:
+  # p_0 = (0 + h_0) / 5, p_1 = (4 + h_1) / 5.
+  np.testing.assert_allclose(after, [head[0] / 5, (4 + head[1]) / 5], rtol=1e-5)
+  greedy = sona.route(engine.state, q, cfg, jax.random.key(1), explore=False)
+  assert int(greedy.tier) == 1  # neither reaches the threshold: the most likely tier
+  assert cfg.replace(router_memory=0).router_memory_rows == 0
+  with pytest.raises(ValueError, match="router_memory"):
+    cfg.replace(router_memory=-1)
+
+
 def test_decide_threshold_and_cost_rules_on_constructed_probabilities():
   costs = jnp.array([1.0, 3.0, 10.0])
   p = jnp.array([0.70, 0.95, 0.99])
