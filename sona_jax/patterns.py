@@ -458,7 +458,10 @@ def find_patterns(bank: Bank, query, k: int):
     tail has id -1 and score -inf.
   """
   q = _normalize(jnp.asarray(query, jnp.float32))
-  scores = q @ bank.centroid.T  # [..., P]
+  # `centroid @ q.T`, not `q @ centroid.T`: for one query XLA:CPU made the latter a slow
+  # transposed product (25 ms against 0.6 ms at 1,000 patterns of dim 4,096).
+  flat = q.reshape(-1, q.shape[-1])
+  scores = (bank.centroid @ flat.T).T.reshape(q.shape[:-1] + (bank.capacity,))  # [..., P]
   scores = jnp.where(jnp.broadcast_to(bank.alive, scores.shape), scores, -jnp.inf)
   top, idx = jax.lax.top_k(scores, k)
   return jnp.where(top > -jnp.inf, idx.astype(jnp.int32), -1), top
