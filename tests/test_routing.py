@@ -41,8 +41,8 @@ def test_learned_routing_keeps_quality_at_a_fraction_of_the_cost():
   success = correct[held, choice].mean()
   cost = np.asarray(cfg.tier_costs)[choice].mean()
   best = correct[held, 2].mean()
-  # Measured: 97.4% of the always-SVM success at 35% of its cost (seeds 1, 2 of the split:
-  # 98.2% at 40%, 97.0% at 36%). Always-cheapest: 91.5% of the success.
+  # Measured: 96.9% of the always-SVM success at 20% of its cost (seeds 1, 2 of the split:
+  # 97.4% at 24%, 97.7% at 28%). Always-cheapest: 91.5% of the success (89.8%, 88.3%).
   assert success >= 0.95 * best, (success, best, np.bincount(choice, minlength=3))
   assert cost <= 0.40 * 10.0, (cost, np.bincount(choice, minlength=3))
   assert len(set(choice.tolist())) >= 2  # it really routes, not a constant tier

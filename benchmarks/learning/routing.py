@@ -91,14 +91,30 @@ def run_routing(*, seed: int = 0, n_requests: int = 2700, cfg=None, task: str = 
     rep = engine.tick()["background"]
     runs += int(rep is not None and rep.ran)
   res = evaluate_router(held_probs(), correct[held], costs, cfg.router_threshold)
-  # Each part of the estimates alone: the router head (a prior of overwhelming strength) and the
-  # bank's records (a prior of 0.01 pseudo-trials: a tier no nearby pattern tried keeps the head's).
+  # Each part of the estimates alone: the router head (no signal memory) and the signal memory (a
+  # prior of 0.01 pseudo-trials: a tier with no recorded neighbour keeps the head's prediction).
   parts = {
-    "head": cfg.replace(router_prior_strength=1e6),
-    "bank": cfg.replace(router_prior_strength=0.01),
+    "head": cfg.replace(router_memory=0),
+    "memory": cfg.replace(router_prior_strength=0.01),
   }
   for name, c in parts.items():
     part = evaluate_router(held_probs(c), correct[held], costs, cfg.router_threshold)
+    res[f"apgr_{name}_alone"], res[f"ece_{name}_alone"] = part["apgr"], part["ece"]
+  # The ReasoningBank's per-pattern records (the estimates of the previous release: the 3 nearest
+  # patterns, temperature 0.1), alone and shrunk toward the head with 8 pseudo-trials.
+  head = held_probs(parts["head"])
+  for name, strength in (("bank", 0.01), ("bank_head", 8.0)):
+    probs = np.stack(
+      [
+        np.asarray(
+          sona.patterns.tier_estimates(
+            engine.state.bank, emb[j], h, k=3, temperature=0.1, strength=strength
+          ).mean
+        )
+        for j, h in zip(held, head, strict=True)
+      ]
+    )
+    part = evaluate_router(probs, correct[held], costs, cfg.router_threshold)
     res[f"apgr_{name}_alone"], res[f"ece_{name}_alone"] = part["apgr"], part["ece"]
   # A reference no partial-feedback router can beat on average: every tier's outcome on every
   # stream row known (full information), success = the smoothed rate of the 20 nearest rows.
@@ -253,7 +269,13 @@ def routing_benchmark(
 
   rows.append(curve("best random mix of tiers (curve)", "apgr_random_mix"))
   rows.append(curve("estimates: router head alone", "apgr_head_alone", "ece_head_alone"))
+  rows.append(curve("estimates: signal memory alone", "apgr_memory_alone", "ece_memory_alone"))
   rows.append(curve("estimates: bank records alone", "apgr_bank_alone", "ece_bank_alone"))
+  rows.append(
+    curve(
+      "estimates: bank + head (previous release)", "apgr_bank_head_alone", "ece_bank_head_alone"
+    )
+  )
   rows.append(curve("full-information 20-NN (reference)", "apgr_full_information"))
   rows.append(
     dict(
@@ -376,8 +398,9 @@ def _routing_markdown(routing: dict, sfx: str) -> list[str]:
     "",
     _TASK_TEXT[task].format(n=routing["n_requests"])
     + " Requests are routed by `Sona.route` (library defaults except sizes and tier costs: "
-    "per-tier success estimates from the ReasoningBank's nearest patterns shrunk toward the "
-    "FastGRNN head, the threshold rule, Thompson sampling), only the served tier's outcome is "
+    "per tier, the 20 nearest recorded outcomes of that tier among the recent learning signals, "
+    "shrunk toward the FastGRNN head; the threshold rule; Thompson sampling), only the served "
+    "tier's outcome is "
     "observed (`Sona.observe`, quality 1 if right), Loop B runs hourly at 300 requests an hour. "
     "Held-out: greedy decisions on the estimates. APGR (RouteLLM, Ong et al. 2024): PGR(c) = "
     "(q(c) - q_cheap) / (q_expensive - q_cheap) averaged over 1,001 cost budgets from the cheap "
