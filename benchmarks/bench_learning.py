@@ -60,6 +60,7 @@ from learning.drift import (
   drift_targets,
   peer_drift,
   plot_drift,
+  plot_drift_harder,
   recovery,
   run_drift,
 )
@@ -126,7 +127,8 @@ def targets(cl: dict | None, drift: dict | None, routing: list[dict] | None) -> 
 
 
 def plots(cl, drift, routing, out_dir: Path, suffix: str = "") -> list[str]:
-  """Writes learning_continual.png, learning_drift.png and learning_routing.png.
+  """Writes learning_continual.png, learning_drift.png, learning_drift_harder.png and
+  learning_routing.png.
 
   Returns:
     The paths written (none without matplotlib).
@@ -139,6 +141,8 @@ def plots(cl, drift, routing, out_dir: Path, suffix: str = "") -> list[str]:
     paths.append(plot_continual(cl, out_dir, suffix, plt))
   if drift is not None:
     paths.append(plot_drift(drift, out_dir, suffix, plt))
+    if drift.get("harder"):
+      paths.append(plot_drift_harder(drift, out_dir, suffix, plt))
   if routing is not None:
     paths.append(plot_routing(routing, out_dir, suffix, plt))
   return paths

@@ -77,7 +77,16 @@ def _clean(obj):
       k: _clean(v)
       for k, v in obj.items()
       if k
-      not in ("task", "stream_x", "stream_y", "prequential", "prequential_frozen", "held", "sweep")
+      not in (
+        "task",
+        "stream_x",
+        "stream_y",
+        "prequential",
+        "prequential_frozen",
+        "held",
+        "sweep",
+        "drifted",
+      )
     }
   if isinstance(obj, list | tuple):
     return [_clean(v) for v in obj]
