@@ -190,7 +190,7 @@ ARMS = {
   "window": "sona_jax, capacity N (admission window 1 day, the default)",
   "no window": "sona_jax, capacity N, admission_window_s=0",
   "fifo": "FIFO of the last N memories (no library)",
-  "unbounded": "sona_jax, capacity 4N (nothing evicted: the reference)",
+  "unbounded": "sona_jax, capacity 4N (never full: the reference)",
 }
 
 
@@ -267,12 +267,12 @@ def capacity_table(cap: dict) -> str:
   """Precision@5 on recent knowledge and evictions per arm."""
   head = (
     f"{'arm':<58}{'p@5 week':>9}{'p@5 full':>9}{'last 3 d':>9}{'recent held':>12}"
-    f"{'evicted':>8}{'early':>7}{'merged':>7}"
+    f"{'left':>8}{'early':>7}{'merged':>7}"
   )
   lines = [head, "-" * len(head)]
   for r in cap["rows"]:
     lines.append(
-      f"{r['name']:<58}{r['precision']:>9.3f}{r['precision_full']:>9.3f}"
+      f"{ARMS[r['arm']]:<58}{r['precision']:>9.3f}{r['precision_full']:>9.3f}"
       f"{r['precision_last3']:>9.3f}{r['recent_held']:>12.1%}{r['evicted']:>8.0f}"
       f"{r['evicted_early']:>7.0f}{r['merges']:>7.0f}"
     )
@@ -283,7 +283,7 @@ def capacity_markdown(cap: dict) -> list[str]:
   """Section 4 of the README's "Results: learning"."""
   rows = [
     [
-      r["name"],
+      ARMS[r["arm"]],
       f"{r['precision']:.3f}",
       f"{r['precision_full']:.3f}",
       f"{r['precision_last3']:.3f}",
@@ -322,7 +322,7 @@ def capacity_markdown(cap: dict) -> list[str]:
         "p@5, graph full",
         "p@5, last 3 days",
         "recent held",
-        "evicted",
+        "left the store (evicted or merged)",
         "evicted early (of useful)",
         "merged (Loop C)",
       ],
