@@ -1,6 +1,7 @@
-"""Measured learning on real data (scikit-learn's digits): forgetting, drift repair, routing.
+"""Measured learning on real data (scikit-learn's digits): forgetting, drift repair, routing,
+a memory past its capacity.
 
-Three scenarios, each against baselines and, where its API allows, the peer `@ruvector/sona`:
+Four scenarios, each against baselines and, where its API allows, the peer `@ruvector/sona`:
 
 1. **Continual learning** (`continual_benchmark`): Split Digits (5 tasks of 2 classes) and Permuted
    Digits (5 pixel permutations), a flax MLP trained task after task with optax, in task-, domain-
@@ -9,18 +10,24 @@ Three scenarios, each against baselines and, where its API allows, the peer `@ru
    validation split; average accuracy and forgetting (Chaudhry et al. 2018).
 2. **Drift repair** (`run_drift`): retrieval over a memory of real images whose queries drift;
    feedback-mode micro-LoRA (Loop A) with hourly Loop B consolidation against the frozen model;
-   prequential and held-out precision@5, recovery after the drift, retention on clean queries.
+   prequential and held-out precision@5, recovery after the drift, retention on clean queries;
+   against re-centering and oracle rank-r / full-rank refits, on a shift and on harder drifts
+   (subspace rotations, a new encoder, a moving shift).
 3. **Routing** (`run_routing`): three real classifiers of rising cost, the router learned online
    from partial feedback; quality vs cost against fixed tiers, random, the oracle; APGR (RouteLLM).
+4. **Memory past capacity** (`run_capacity`): a graph of capacity N receiving 4N memories over a
+   simulated week, queries about recent ones; with and without the admission window, FIFO, and
+   an unbounded graph.
 
 The peer is driven by `peer/learning.js` on the same streams (skipped with a note when Node.js or
 the package is missing). Each scenario lives in its own module of `benchmarks/learning/` (shared
 helpers in `learning/common.py`); this file is the entry point and re-exports the scenarios'
 functions, which the tests (`tests/test_learning_scenarios.py`) call at a small size.
 
-Usage: `python benchmarks/bench_learning.py [--quick] [--only continual drift routing] [--no-peer]`.
+Usage: `python benchmarks/bench_learning.py [--quick] [--only continual drift routing capacity]
+[--no-peer]`.
 Writes `benchmarks/results/learning.json`, `learning.md` (a README section) and
-`learning_{continual,drift,routing}.png` (`learning_quick.*` with `--quick`).
+`learning_{continual,drift,drift_harder,routing}.png` (`learning_quick.*` with `--quick`).
 """
 
 from __future__ import annotations
@@ -38,6 +45,14 @@ if str(Path(__file__).resolve().parent) not in sys.path:
   sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # The scenarios' functions, re-exported for the tests and users (`bench.run_drift`, ...).
+from learning.capacity import (
+  capacity_benchmark,
+  capacity_markdown,
+  capacity_table,
+  capacity_task,
+  early_evictions,
+  run_capacity,
+)
 from learning.common import RESULTS, _clean, _json_default, _md_table, _peer_module, pyplot
 from learning.continual import (
   EWCPP,
@@ -53,13 +68,16 @@ from learning.continual import (
   run_continual,
 )
 from learning.drift import (
+  baselines,
   drift_benchmark,
   drift_config,
   drift_markdown,
+  drift_stream,
   drift_table,
   drift_targets,
   peer_drift,
   plot_drift,
+  plot_drift_harder,
   recovery,
   run_drift,
 )
@@ -89,10 +107,16 @@ __all__ = [
   "NAIVE",
   "apgr",
   "average_accuracy",
+  "capacity_benchmark",
+  "capacity_task",
+  "early_evictions",
+  "run_capacity",
+  "baselines",
   "continual_benchmark",
   "digits_splits",
   "drift_benchmark",
   "drift_config",
+  "drift_stream",
   "evaluate_router",
   "forgetting",
   "main",
@@ -126,7 +150,8 @@ def targets(cl: dict | None, drift: dict | None, routing: list[dict] | None) -> 
 
 
 def plots(cl, drift, routing, out_dir: Path, suffix: str = "") -> list[str]:
-  """Writes learning_continual.png, learning_drift.png and learning_routing.png.
+  """Writes learning_continual.png, learning_drift.png, learning_drift_harder.png and
+  learning_routing.png.
 
   Returns:
     The paths written (none without matplotlib).
@@ -139,6 +164,8 @@ def plots(cl, drift, routing, out_dir: Path, suffix: str = "") -> list[str]:
     paths.append(plot_continual(cl, out_dir, suffix, plt))
   if drift is not None:
     paths.append(plot_drift(drift, out_dir, suffix, plt))
+    if drift.get("harder"):
+      paths.append(plot_drift_harder(drift, out_dir, suffix, plt))
   if routing is not None:
     paths.append(plot_routing(routing, out_dir, suffix, plt))
   return paths
@@ -173,6 +200,8 @@ def markdown(report: dict) -> str:
   for task_result in (routing, report.get("routing_breast_cancer")):
     if task_result is not None:
       md += _routing_markdown(task_result, sfx)
+  if report.get("capacity") is not None:
+    md += capacity_markdown(report["capacity"])
   return "\n".join(md)
 
 
@@ -180,13 +209,16 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--quick", action="store_true", help="small sizes, 2 seeds (about 2 minutes)")
   p.add_argument(
-    "--only", nargs="+", choices=("continual", "drift", "routing"), help="run only these parts"
+    "--only",
+    nargs="+",
+    choices=("continual", "drift", "routing", "capacity"),
+    help="run only these parts",
   )
   p.add_argument("--no-peer", action="store_true", help="skip @ruvector/sona")
   p.add_argument("--no-install", action="store_true", help="never npm-install the peer")
   p.add_argument("--out", default=str(RESULTS), help="output folder")
   a = p.parse_args(argv)
-  parts = set(a.only or ("continual", "drift", "routing"))
+  parts = set(a.only or ("continual", "drift", "routing", "capacity"))
   out_dir = Path(a.out)
   out_dir.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
@@ -207,6 +239,7 @@ def main(argv=None) -> int:
     routing_other = routing_benchmark(
       quick=a.quick, seeds=seeds, peer_ok=peer_ok, task="breast_cancer"
     )
+  capacity = capacity_benchmark(quick=a.quick, seeds=seeds) if "capacity" in parts else None
   report = dict(
     quick=a.quick,
     peer_version=peer_note if peer_ok else None,
@@ -222,6 +255,7 @@ def main(argv=None) -> int:
     drift=drift,
     routing=routing,
     routing_breast_cancer=routing_other,
+    capacity=capacity,
   )
   report["targets"] = targets(cl, drift, [r for r in (routing, routing_other) if r is not None])
   report["wall_seconds"] = time.perf_counter() - t0
@@ -237,6 +271,12 @@ def main(argv=None) -> int:
     if r is not None:
       print(f"\n3. Routing, {r['task']}: held-out (means over seeds {r['seeds']})")
       print(routing_table(r))
+  if capacity is not None:
+    print(
+      f"\n4. Memory past capacity (N = {capacity['capacity']}, {capacity['memories']} memories "
+      f"in a simulated week; means over seeds {capacity['seeds']}): precision@5 on recent queries"
+    )
+    print(capacity_table(capacity))
   print("\nTargets:")
   for t in report["targets"]:
     print(f"  [{'met' if t['met'] else 'MISSED'}] {t['name']}: {t['measured']}")

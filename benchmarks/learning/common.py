@@ -70,14 +70,25 @@ def _json_default(v):
   raise TypeError(type(v).__name__)
 
 
+_DROPPED = (
+  "task",
+  "stream_x",
+  "stream_y",
+  "prequential",
+  "prequential_frozen",
+  "held",
+  "sweep",
+  "drifted",
+)
+
+
 def _clean(obj):
   """Drops non-JSON payloads (tasks, raw streams) and NaNs from the report."""
   if isinstance(obj, dict):
     return {
       k: _clean(v)
       for k, v in obj.items()
-      if k
-      not in ("task", "stream_x", "stream_y", "prequential", "prequential_frozen", "held", "sweep")
+      if k not in _DROPPED or (k == "task" and isinstance(v, str))  # a routing task's name stays
     }
   if isinstance(obj, list | tuple):
     return [_clean(v) for v in obj]
