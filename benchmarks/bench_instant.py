@@ -32,6 +32,22 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# Instructions of an optimised HLO entry computation that run no kernel.
+_NOT_KERNELS = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
+
+
+def count_kernels(compiled_text: str) -> int:
+  """Kernels (thunks) of a compiled XLA:CPU program: the instructions of its entry computation
+  other than parameters, constants, tuples and bitcasts (fusions, copies, sorts, custom calls,
+  dynamic-update-slices...). On XLA:CPU each costs ~1 us whatever it computes."""
+  import re
+
+  entry = compiled_text[compiled_text.index("ENTRY") :]
+  entry = entry[: entry.index("\n}")]
+  ops = [re.search(r"=\s*\S+\s+([\w-]+)\(", line) for line in entry.splitlines()[1:]]
+  return sum(1 for m in ops if m and m.group(1) not in _NOT_KERNELS)
+
+
 RESULTS = HERE / "results"
 DEFAULT_DIMS = (256, 768, 4096)
 
@@ -101,6 +117,11 @@ def _worker(mode: str, dims: list[int], n: int, batches: int) -> dict:
       for i in range(pool)
     ]
     its = [sona.make_interaction(cfg, **a) for a in args]
+    packed = sona.types.pack(its[0], cfg)
+    lowered = instant._jitted()[0].lower(
+      instant._split(state), state.base, state.graph.emb, packed, cfg
+    )
+    kernels = count_kernels(lowered.compile().as_text())
     for i in range(200):  # warm-up (compiles once)
       state, _ = sona.instant_step(state, its[i % pool], cfg)
     jax.block_until_ready(state)
@@ -128,6 +149,7 @@ def _worker(mode: str, dims: list[int], n: int, batches: int) -> dict:
     out["results"].append(
       dict(
         dim=dim,
+        kernels=kernels,
         step_p50_us=float(np.percentile(step_t, 50) * 1e6),
         step_p99_us=float(np.percentile(step_t, 99) * 1e6),
         step_mean_us=float(np.mean(step_t) * 1e6),
@@ -178,7 +200,7 @@ def main(argv=None) -> int:
   peer_by_dim = {r["dim"]: r for r in (peer or {}).get("results", [])}
 
   header = (
-    f"{'dim':>5} {'mode':<12} {'step p50':>9} {'step p99':>9} {'make+step':>10} "
+    f"{'dim':>5} {'mode':<12} {'kernels':>7} {'step p50':>9} {'step p99':>9} {'make+step':>10} "
     f"{'scan/s':>10} {'peer p50':>9} {'ratio':>6} {'ratio(m+s)':>10}"
   )
   lines = [header, "-" * len(header)]
@@ -193,7 +215,8 @@ def main(argv=None) -> int:
         dict(r, mode=mode, peer_p50_us=pr and pr["p50_us"], ratio=ratio, ratio_make_step=ratio_full)
       )
       lines.append(
-        f"{dim:>5} {mode:<12} {r['step_p50_us']:>7.1f}us {r['step_p99_us']:>7.1f}us "
+        f"{dim:>5} {mode:<12} {r['kernels']:>7} "
+        f"{r['step_p50_us']:>7.1f}us {r['step_p99_us']:>7.1f}us "
         f"{r['full_p50_us']:>8.1f}us {r['scan_per_s']:>10,.0f} "
         + (
           f"{pr['p50_us']:>7.1f}us {ratio:>6.2f} {ratio_full:>10.2f}"

@@ -454,12 +454,19 @@ def hebbian_row(row: jax.Array, anchor, used, unused, *, strengthen_rate, weaken
   # weakest first (stable sort, so ties go to the lower index, like argmin).
   empty = nbr < 0
   w = jnp.where(strengthened, strengthen(w, s), w)
-  order = jnp.argsort(jnp.where(empty, -1.0, w), stable=True)
-  rank = jnp.cumsum(u_new.astype(jnp.int32)) - 1  # r-th new id takes the r-th slot of `order`
-  # One-hot selections instead of gathers: on CPU each gather is its own kernel.
+  # The position of each slot in that order, by counting the slots before it: a [K, K] comparison
+  # fuses with its neighbours where a sort is kernels of its own (Loop A's latency is mostly
+  # kernel count on CPU).
+  key = jnp.where(empty, -1.0, w)
   slots = jnp.arange(k, dtype=jnp.int32)
-  pick = rank[:, None] == slots[None, :]  # [k_ids, K]: rank r -> position r of `order`
-  target = jnp.sum(jnp.where(pick, order[None, :], 0), axis=1)
+  before = (key[None, :] < key[:, None]) | (
+    (key[None, :] == key[:, None]) & (slots[None, :] < slots[:, None])
+  )  # [j, i]: slot i comes before slot j
+  position = jnp.sum(before.astype(jnp.int32), axis=1)
+  rank = jnp.cumsum(u_new.astype(jnp.int32)) - 1  # r-th new id takes the slot at position r
+  # One-hot selections instead of gathers: on CPU each gather is its own kernel.
+  pick = rank[:, None] == position[None, :]  # [k_ids, K]: rank r -> the slot at position r
+  target = jnp.sum(jnp.where(pick, slots[None, :], 0), axis=1)
   free = empty | (w < s)
   hit = target[:, None] == slots[None, :]  # [k_ids, K]: id -> its target slot
   target_free = jnp.any(hit & free[None, :], axis=1)

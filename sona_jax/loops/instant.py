@@ -161,29 +161,27 @@ def _put_row(table: jax.Array, row: jax.Array, i) -> jax.Array:
   return jax.lax.dynamic_update_index_in_dim(table, row, i, axis=0)
 
 
-def _safe_slot(ids, n_nodes: int):
-  """The slot of each id (`graph.slot_of`), 0 for padding and bad ids (their reads are masked)."""
-  return jnp.where(ids >= 0, ids % jnp.int32(n_nodes), 0)
-
-
 def _slot_ids(it: types.Interaction, n_nodes: int) -> types.Interaction:
   """`it` with its memory ids replaced by their slots (-1 padding kept): the graph's arrays and
   edges are indexed by slot. Validation has already rejected ids that name no live memory."""
-  slot = lambda i: jnp.where(i >= 0, i % jnp.int32(n_nodes), i)
-  return it._replace(anchor=slot(it.anchor), used=slot(it.used), unused=slot(it.unused))
+  k = it.used.shape[-1]
+  ids = jnp.concatenate([it.used, it.unused, it.anchor[..., None]], axis=-1)
+  slots = jnp.where(ids >= 0, ids % jnp.int32(n_nodes), ids)  # one (costly) remainder for all
+  return it._replace(used=slots[..., :k], unused=slots[..., k : 2 * k], anchor=slots[..., 2 * k])
 
 
-def _validate(node_tab, edges, packed, cfg: SonaConfig):
-  """Reads the rows of the ids and the anchor, and checks every value (one reason bit each)."""
-  it = types.unpack(packed, cfg)
+def _validate(node_tab, edges, it: types.Interaction, slots, sq_x, sq_grad, cfg: SonaConfig):
+  """Reads the rows of the ids and the anchor, and checks every value (one reason bit each).
+
+  `slots` is `it` with slots for ids (`_slot_ids`); `sq_x`, `sq_grad` the squared norms."""
   n_nodes, k = cfg.graph_capacity, cfg.max_ids
-  x, q, fb = it.query, it.quality, it.feedback
+  q, fb = it.quality, it.feedback
   fb_given = ~jnp.isnan(fb)
   ids = jnp.concatenate([it.used, it.unused])  # [2k]
   present = ids >= 0
-  safe_ids = _safe_slot(ids, n_nodes)
+  safe_ids = jnp.maximum(jnp.concatenate([slots.used, slots.unused]), 0)
   anchor = it.anchor
-  safe_anchor = _safe_slot(anchor, n_nodes)
+  safe_anchor = jnp.maximum(slots.anchor, 0)
   # Every row read from a table that is written later is read here, in one concatenation behind
   # an optimization barrier: otherwise XLA fuses the row reads into the in-place updates and must
   # copy the whole table to keep them correct (measured: 4 full-table copies, 2x slower). The
@@ -226,8 +224,8 @@ def _validate(node_tab, edges, packed, cfg: SonaConfig):
     (BAD_ANCHOR, anchor >= -1),
     # A query or gradient is bad when non-finite or so large that its squared norm overflows
     # f32: one dot product checks every entry at once.
-    (BAD_QUERY, jnp.isfinite(jnp.dot(x, x))),
-    (BAD_GRAD, ~it.has_grad | jnp.isfinite(jnp.dot(it.grad, it.grad))),
+    (BAD_QUERY, jnp.isfinite(sq_x)),
+    (BAD_GRAD, ~it.has_grad | jnp.isfinite(sq_grad)),
   ]
   # The checks are laid out as one vector of reason bits and OR-reduced at once: each separate
   # reduction would be its own kernel.
@@ -259,15 +257,18 @@ class _Feedback(NamedTuple):
   lr: jax.Array  # f32 micro-LoRA learning rate (the live knob, or `cfg.micro_lr`)
 
 
-def _feedback(base, emb, packed, cfg: SonaConfig) -> _Feedback:
-  """Reads the memory embeddings of the ids and everything else the direction needs."""
-  it = types.unpack(packed, cfg)
-  n_nodes, k = cfg.graph_capacity, cfg.max_ids
+def _feedback(base, micro_a, emb, it: types.Interaction, lr, cfg: SonaConfig):
+  """Reads the memory embeddings of the ids and everything else the direction needs; `it` has
+  slots for ids (`_slot_ids`).
+
+  Returns `(feedback, xa)` with `xa = x A` of the micro-LoRA, which the micro step needs first.
+  """
+  k = cfg.max_ids
   x, q, fb = it.query, it.quality, it.feedback
   q_eff = jnp.where(jnp.isnan(fb), q, fb)  # explicit feedback beats the estimate
   ids = jnp.concatenate([it.used, it.unused])
   present = ids >= 0
-  safe_ids = _safe_slot(ids, n_nodes)
+  safe_ids = jnp.maximum(ids, 0)
   rows = jnp.stack([_row(emb, safe_ids[j]) for j in range(2 * k)])  # [2k, dim]
   n_used = jnp.sum(present[:k].astype(jnp.float32))
   n_unused = jnp.sum(present[k:].astype(jnp.float32))
@@ -280,11 +281,19 @@ def _feedback(base, emb, packed, cfg: SonaConfig) -> _Feedback:
   )
   latency_ratio = it.latency_ms / it.target_latency_ms
   gate = (jnp.abs(q_eff - 0.5) > cfg.gate_quality_margin) | (latency_ratio > cfg.gate_latency_ratio)
-  # Products as multiply-and-sum: XLA:CPU sends small matrix products to a library call that
-  # cost ~10-20 us each at dim 4096, while a multiply-sum fuses into one cheap kernel.
-  xa_base = jnp.sum(x[:, None] * base.a, axis=0)  # [r_b]
+  # Every inner product over `dim` that does not depend on the micro step, in ONE multiply-and-sum:
+  # x A, x A_base, |x|^2, |grad|^2. On XLA:CPU each reduction over `dim` costs three kernels
+  # (product, partial sums, total) and a matrix-vector product is a library call (~10-20 us at
+  # dim 4096), so four separate reductions were twelve kernels and this is three.
+  r_m, r_b = micro_a.shape[1], base.a.shape[1]
+  lhs = jnp.concatenate(
+    [jnp.broadcast_to(x[:, None], (x.shape[0], r_m + r_b + 1)), it.grad[:, None]], 1
+  )
+  rhs = jnp.concatenate([micro_a, base.a, x[:, None], it.grad[:, None]], axis=1)
+  sums = jnp.sum(lhs * rhs, axis=0)
+  xa, xa_base = sums[:r_m], sums[r_m : r_m + r_b]
   y_base = x + jnp.float32(cfg.base_scale) * jnp.sum(xa_base[:, None] * base.b, axis=0)
-  return _Feedback(
+  fbk = _Feedback(
     x=x,
     y_base=y_base,
     diff=jnp.sum(wts[:, None] * rows, axis=0),
@@ -292,10 +301,11 @@ def _feedback(base, emb, packed, cfg: SonaConfig) -> _Feedback:
     open_gate=(n_used + n_unused > 0) & gate,
     grad=it.grad,
     has_grad=it.has_grad,
-    sq_x=jnp.dot(x, x),
-    sq_grad=jnp.dot(it.grad, it.grad),
-    lr=types.packed_lr(packed, cfg),
+    sq_x=sums[r_m + r_b],
+    sq_grad=sums[r_m + r_b + 1],
+    lr=lr,
   )
+  return fbk, xa
 
 
 def _feedback_batch(base, emb, its: types.Interaction, lr, cfg: SonaConfig) -> _Feedback:
@@ -333,7 +343,7 @@ def _feedback_batch(base, emb, its: types.Interaction, lr, cfg: SonaConfig) -> _
   )
 
 
-def _learn(micro, f: _Feedback, reasons, cfg: SonaConfig):
+def _learn(micro, f: _Feedback, reasons, cfg: SonaConfig, xa=None):
   """The micro-LoRA step of one interaction, applied only when it is accepted.
 
   See docs/design.md, "Micro-LoRA step", and "The feedback rule's tangent space" for the change
@@ -348,15 +358,18 @@ def _learn(micro, f: _Feedback, reasons, cfg: SonaConfig):
   drift (precision@5 0.63 -> 0.10). Projected, every case is the cosine gradient of used minus
   unused memories.
 
-  The step is `lora.micro_update_fast` written out so that all its inner products over `dim` come
-  from three multiply-and-sums (each reduction is a kernel of its own on CPU, and this chain is
-  the sequential part of `instant_scan`). Returns `(micro, step_norm, reasons, active)`.
+  The step itself is `lora.micro_update_fast`, given the inner products computed here: all the
+  reductions over `dim` come from two multiply-and-sums after `x A` (each reduction is a kernel
+  of its own on CPU, and this chain is the sequential part of `instant_scan`). `xa = x A` may come
+  precomputed (`_feedback` computes it with the other products). Returns
+  `(micro, step_norm, reasons, active)`.
   """
   a, b = micro.a, micro.b  # [d, r], [r, d]
   s = jnp.float32(cfg.micro_scale)
   # Products as multiply-and-sum: XLA:CPU sends tiny matrix products to a library call that
   # costs ~10 us each, while a multiply-sum fuses into one cheap kernel.
-  xa = jnp.sum(f.x[:, None] * a, axis=0)  # [r]: x A
+  if xa is None:
+    xa = jnp.sum(f.x[:, None] * a, axis=0)  # [r]: x A
   y = f.y_base + s * jnp.sum(xa[:, None] * b, axis=0)  # y_hat
   m1 = jnp.sum(jnp.stack([y, f.diff]) * y[None, :], axis=1)  # |y|^2, diff . y
   t = f.diff - (m1[1] / jnp.maximum(m1[0], 1e-30)) * y
@@ -367,28 +380,28 @@ def _learn(micro, f: _Feedback, reasons, cfg: SonaConfig):
   fb_scale = -(1.0 - f.q_eff) / jnp.maximum(t_norm, 1e-12)
   active = f.has_grad | (f.open_gate & (t_norm > 1e-12))
   g = jnp.where(f.has_grad, f.grad, fb_scale * t)
-  gb = jnp.where(f.has_grad, b_grad, fb_scale * bt)  # B g
-  sq_g = jnp.where(f.has_grad, f.sq_grad, fb_scale * fb_scale * sq_t)
-  coef = f.lr * active.astype(jnp.float32) * s
-  # |u v^T|_F = |u| |v|: the step norms need only the small factors.
-  norm_b = jnp.abs(coef) * jnp.sqrt(jnp.dot(xa, xa) * sq_g)
-  norm_a = jnp.abs(coef) * jnp.sqrt(f.sq_x * jnp.dot(gb, gb))
-  step_norm = jnp.sqrt(norm_a * norm_a + norm_b * norm_b)
-  clip = jnp.float32(cfg.micro_clip)
-  coef_a = coef * jnp.minimum(1.0, clip / jnp.maximum(norm_a, 1e-30))
-  coef_b = coef * jnp.minimum(1.0, clip / jnp.maximum(norm_b, 1e-30))
-  new_a = a - f.x[:, None] * (coef_a * gb)[None, :]
-  new_b = b - (coef_b * xa)[:, None] * g[None, :]
+  new, step_norm = lora.micro_update_fast(
+    micro,
+    f.x,
+    g,
+    f.lr,
+    active.astype(jnp.float32),
+    scale=s,
+    clip=cfg.micro_clip,
+    xa=xa,
+    gb=jnp.where(f.has_grad, b_grad, fb_scale * bt),  # B g
+    sq_x=f.sq_x,
+    sq_g=jnp.where(f.has_grad, f.sq_grad, fb_scale * fb_scale * sq_t),
+  )
   # A finite step norm bounds every entry of the step: one scalar check covers both factors.
   reasons = reasons | jnp.where(jnp.isfinite(step_norm), 0, NONFINITE_STEP).astype(jnp.int32)
   ok = reasons == 0
-  micro = lora.LoRA(a=jnp.where(ok, new_a, a), b=jnp.where(ok, new_b, b))
+  micro = lora.LoRA(a=jnp.where(ok, new.a, a), b=jnp.where(ok, new.b, b))
   return micro, jnp.where(ok, step_norm, 0.0), reasons, active
 
 
-def _edges(edges, edge_row, packed, reasons, cfg: SonaConfig):
-  """Hebbian update of the anchor's edge row (seed: +5% per use, -2% per skip)."""
-  it = _slot_ids(types.unpack(packed, cfg), cfg.graph_capacity)
+def _edges(edges, edge_row, it: types.Interaction, reasons, cfg: SonaConfig):
+  """Hebbian update of the anchor's edge row (seed: +5% per use, -2% per skip); `it` has slots."""
   anchor = it.anchor
   new_row, changed = graph.hebbian_row(
     edge_row,
@@ -404,9 +417,9 @@ def _edges(edges, edge_row, packed, reasons, cfg: SonaConfig):
   return edges, jnp.where(do, changed, 0)
 
 
-def _nodes(node_tab, id_nodes, packed, q_eff, reasons, cfg: SonaConfig):
-  """Access count, last access and quality EMA of the used memories (one scatter of k rows)."""
-  it = _slot_ids(types.unpack(packed, cfg), cfg.graph_capacity)
+def _nodes(node_tab, id_nodes, it: types.Interaction, q_eff, reasons, cfg: SonaConfig):
+  """Access count, last access and quality EMA of the used memories (one scatter of k rows);
+  `it` has slots."""
   k = cfg.max_ids
   present = it.used >= 0
   safe_ids = jnp.clip(it.used, 0, cfg.graph_capacity - 1)
@@ -424,9 +437,8 @@ def _nodes(node_tab, id_nodes, packed, q_eff, reasons, cfg: SonaConfig):
   return node_tab.at[targets].set(new_rows, mode="drop", unique_indices=True)
 
 
-def _record_rows(packed, q_eff, cfg: SonaConfig):
+def _record_rows(it: types.Interaction, q_eff, cfg: SonaConfig):
   """The packed signal row (Loop A -> Loop B) and trajectory row of one interaction."""
-  it = types.unpack(packed, cfg)
   k = cfg.max_ids
   signal_row = jnp.concatenate(
     [
@@ -495,19 +507,24 @@ def _step(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, c
   Phases: validate and read rows; feedback direction; micro-LoRA step; Hebbian edges; node
   statistics; records; counters. Every write is masked by the acceptance decision.
   """
-  packed = types.resolve_time(packed, cfg, sub.counters[LAST_TIME])
-  reasons, id_nodes, edge_row = _validate(sub.node, sub.edges, packed, cfg)
-  fbk = _feedback(base, emb, packed, cfg)
-  micro, step_norm, reasons, active = _learn(sub.micro, fbk, reasons, cfg)
+  it = types.unpack(packed, cfg)
+  # An unset time takes the newest time the state saw (read as a scalar: writing it into `packed`
+  # would copy the whole vector first).
+  it = it._replace(time=jnp.where(it.time == types.TIME_UNSET, sub.counters[LAST_TIME], it.time))
+  slots = _slot_ids(it, cfg.graph_capacity)
+  fbk, xa = _feedback(base, sub.micro.a, emb, slots, types.packed_lr(packed, cfg), cfg)
+  reasons, id_nodes, edge_row = _validate(
+    sub.node, sub.edges, it, slots, fbk.sq_x, fbk.sq_grad, cfg
+  )
+  micro, step_norm, reasons, active = _learn(sub.micro, fbk, reasons, cfg, xa=xa)
   ok = reasons == 0
-  edges, edges_changed = _edges(sub.edges, edge_row, packed, reasons, cfg)
-  node_tab = _nodes(sub.node, id_nodes, packed, fbk.q_eff, reasons, cfg)
-  signal_row, traj_row = _record_rows(packed, fbk.q_eff, cfg)
+  edges, edges_changed = _edges(sub.edges, edge_row, slots, reasons, cfg)
+  node_tab = _nodes(sub.node, id_nodes, slots, fbk.q_eff, reasons, cfg)
+  signal_row, traj_row = _record_rows(it, fbk.q_eff, cfg)
   signals = buffer.push(sub.signals, signal_row, where=ok)
   trajectories = buffer.push(sub.trajectories, traj_row, where=ok)
-  time = types.unpack(packed, cfg).time
   updated = ok & active
-  counters = _counters(sub.counters, time, ok, updated)
+  counters = _counters(sub.counters, it.time, ok, updated)
   report = _report(ok, reasons, updated, step_norm, edges_changed)
   return LoopAState(micro, edges, node_tab, signals, trajectories, counters), report
 
@@ -608,12 +625,14 @@ def _scan(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, n
   # Validation only asks whether a time is negative: any stamp >= 0 gives the same reasons.
   # It reads only the ALIVE and GENERATION columns, which Loop A never changes: vectorised is
   # exact.
-  stamped = types.resolve_time(packed, cfg, sub.counters[LAST_TIME])
-  reasons, _, _ = jax.vmap(lambda p: _validate(sub.node, sub.edges, p, cfg))(stamped)
-  valid = jnp.arange(packed.shape[0], dtype=jnp.int32) < n_valid
-  reasons = jnp.where(valid, reasons, reasons | _PADDING)
   slots = _slot_ids(its, cfg.graph_capacity)
   fbk = _feedback_batch(base, emb, slots, types.packed_lr(packed, cfg), cfg)
+  stamped = its._replace(time=jnp.where(unset, sub.counters[LAST_TIME], its.time))
+  reasons, _, _ = jax.vmap(lambda *a: _validate(sub.node, sub.edges, *a, cfg))(
+    stamped, slots, fbk.sq_x, fbk.sq_grad
+  )
+  valid = jnp.arange(packed.shape[0], dtype=jnp.int32) < n_valid
+  reasons = jnp.where(valid, reasons, reasons | _PADDING)
 
   # The scan reads one vector block and one scalar row per step (each input is a slice per step).
   vecs = jnp.stack([fbk.x, fbk.y_base, fbk.diff, fbk.grad], axis=1)  # [B, 4, dim]
@@ -661,12 +680,11 @@ def _scan(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, n
   times = jnp.where(unset, jax.lax.bitcast_convert_type(out[:, 3], jnp.int32), its.time)
   its = its._replace(time=times)
   slots = slots._replace(time=times)
-  packed = types.resolve_time(packed, cfg, times)
   ok = reasons == 0
   updated = ok & active
   edges, edges_changed = _edges_batch(sub.edges, slots, ok, cfg)
   node_tab = _nodes_batch(sub.node, slots, fbk.q_eff, ok, cfg)
-  signal_rows, traj_rows = jax.vmap(lambda p, q: _record_rows(p, q, cfg))(packed, fbk.q_eff)
+  signal_rows, traj_rows = jax.vmap(lambda i, q: _record_rows(i, q, cfg))(its, fbk.q_eff)
   signals = buffer.push_many(sub.signals, signal_rows, where=ok)
   trajectories = buffer.push_many(sub.trajectories, traj_rows, where=ok)
   counters = _counters(sub.counters, its.time, ok, updated, valid)
