@@ -296,14 +296,13 @@ def micro_update_fast(
   gb = micro.b @ g if gb is None else gb  # [r]
   sq_x = jnp.dot(x, x) if sq_x is None else sq_x
   sq_g = jnp.dot(g, g) if sq_g is None else sq_g
-  # |u v^T|_F = |u| |v|: the norms need only the vectors, not the [d, r] steps.
-  norm_b = jnp.abs(coef) * jnp.sqrt(jnp.dot(xa, xa) * sq_g)
-  norm_a = jnp.abs(coef) * jnp.sqrt(sq_x * jnp.dot(gb, gb))
-  step_norm = jnp.sqrt(norm_a * norm_a + norm_b * norm_b)
+  # |u v^T|_F = |u| |v|: the norms need only the vectors, not the [d, r] steps. Both factors'
+  # norms and clip factors are computed as 2-vectors: one kernel each on CPU, not two.
+  norms = jnp.abs(coef) * jnp.sqrt(jnp.stack([sq_x * jnp.dot(gb, gb), jnp.dot(xa, xa) * sq_g]))
+  step_norm = jnp.sqrt(norms[0] * norms[0] + norms[1] * norms[1])
   if clip is not None:
-    clip = jnp.float32(clip)
-    coef_a = coef * jnp.minimum(1.0, clip / jnp.maximum(norm_a, _TINY))
-    coef_b = coef * jnp.minimum(1.0, clip / jnp.maximum(norm_b, _TINY))
+    coefs = coef * jnp.minimum(1.0, jnp.float32(clip) / jnp.maximum(norms, _TINY))
+    coef_a, coef_b = coefs[0], coefs[1]
   else:
     coef_a = coef_b = coef
   step_b = (coef_b * xa)[:, None] * g[None, :]  # [r, d_out]

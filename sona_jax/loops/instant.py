@@ -170,42 +170,56 @@ def _slot_ids(it: types.Interaction, n_nodes: int) -> types.Interaction:
   return it._replace(used=slots[..., :k], unused=slots[..., k : 2 * k], anchor=slots[..., 2 * k])
 
 
-def _validate(node_tab, edges, it: types.Interaction, slots, sq_x, sq_grad, cfg: SonaConfig):
-  """Reads the rows of the ids and the anchor, and checks every value (one reason bit each).
+def _read_rows(node_tab, edges, slots: types.Interaction, small=()):
+  """Reads the node rows of the ids and the anchor, the anchor's edge row and the `small` int32
+  arrays (counters, ring-buffer meta) before anything is written.
 
-  `slots` is `it` with slots for ids (`_slot_ids`); `sq_x`, `sq_grad` the squared norms."""
+  Everything read from an array that is written later is read here, in one concatenation behind
+  an optimization barrier: otherwise XLA fuses the row reads into the in-place updates and must
+  copy the whole table to keep them correct (measured: 4 full-table copies, 2x slower), and it
+  copies each small array it reads and updates in place (a kernel each). The node rows come from
+  one small gather (one kernel, where 9 dynamic slices were 9).
+
+  Returns:
+    `(nodes, edge_row, small)`: i32[2k + 1, node width] rows of the used and unused ids and of
+    the anchor (slot 0 for padding), i32[3K] the anchor's edge row, and copies of `small`.
+  """
+  ids = jnp.concatenate([slots.used, slots.unused, slots.anchor[None]])
+  safe = jnp.maximum(ids, 0)
+  node_w, edge_w = node_tab.shape[1], edges.shape[1]
+  reads = jnp.concatenate([node_tab[safe].reshape(-1), _row(edges, safe[-1]), *small])
+  reads = jax.lax.optimization_barrier(reads)
+  n = ids.shape[0] * node_w
+  out, at = [], n + edge_w
+  for x in small:
+    out.append(reads[at : at + x.shape[0]])
+    at += x.shape[0]
+  return reads[:n].reshape(ids.shape[0], node_w), reads[n : n + edge_w], tuple(out)
+
+
+def _validate(nodes9, it: types.Interaction, sq_x, sq_grad, cfg: SonaConfig):
+  """Checks every value of an interaction (one reason bit each).
+
+  `nodes9` are the node rows of its 2k ids and its anchor (`_read_rows`); `sq_x`, `sq_grad` the
+  squared norms of its query and gradient."""
   n_nodes, k = cfg.graph_capacity, cfg.max_ids
   q, fb = it.quality, it.feedback
   fb_given = ~jnp.isnan(fb)
   ids = jnp.concatenate([it.used, it.unused])  # [2k]
   present = ids >= 0
-  safe_ids = jnp.maximum(jnp.concatenate([slots.used, slots.unused]), 0)
   anchor = it.anchor
-  safe_anchor = jnp.maximum(slots.anchor, 0)
-  # Every row read from a table that is written later is read here, in one concatenation behind
-  # an optimization barrier: otherwise XLA fuses the row reads into the in-place updates and must
-  # copy the whole table to keep them correct (measured: 4 full-table copies, 2x slower). The
-  # node rows come from one small gather (one kernel, where 9 dynamic slices were 9).
-  node_w, edge_w = node_tab.shape[1], edges.shape[1]
-  all_ids = jnp.concatenate([safe_ids, safe_anchor[None]])
-  reads = jnp.concatenate([node_tab[all_ids].reshape(-1), _row(edges, safe_anchor)])
-  reads = jax.lax.optimization_barrier(reads)
-  id_nodes = reads[: 2 * k * node_w].reshape(2 * k, node_w)
-  anchor_node = reads[2 * k * node_w : (2 * k + 1) * node_w]
-  edge_row = reads[(2 * k + 1) * node_w : (2 * k + 1) * node_w + edge_w]
-  same = (ids[:, None] == ids[None, :]) & present[:, None] & present[None, :]
-  same = same & ~jnp.eye(2 * k, dtype=jnp.bool_)
+  # Duplicates as shifted comparisons: elementwise, so they fuse with the other checks (a [2k, 2k]
+  # match matrix needs a reduction, a kernel of its own).
+  dup = jnp.zeros(ids.shape, jnp.bool_)
+  for shift in range(1, 2 * k):
+    dup = dup | ((jnp.roll(ids, shift) == ids) & jnp.roll(present, shift))
+  dup = dup & present
   # An id names a live memory when its slot is alive and its tag matches the slot's generation
   # (`graph.memory_id`): an evicted or merged memory's id stays stale after its slot is reused.
-  tag = lambda i: i // jnp.int32(n_nodes)
-  id_live = (id_nodes[:, graph.ALIVE] != 0) & (
-    tag(ids) == graph.id_tag(id_nodes[:, graph.GENERATION], n_nodes)
+  ids9 = jnp.concatenate([ids, anchor[None]])  # the 2k ids, then the anchor
+  live9 = (nodes9[:, graph.ALIVE] != 0) & (
+    ids9 // jnp.int32(n_nodes) == graph.id_tag(nodes9[:, graph.GENERATION], n_nodes)
   )
-  anchor_live = (anchor_node[graph.ALIVE] != 0) & (
-    tag(anchor) == graph.id_tag(anchor_node[graph.GENERATION], n_nodes)
-  )
-  id_ok = ids >= -1
-  stale = jnp.concatenate([present & ~id_live, ((anchor >= 0) & ~anchor_live)[None]])
   lat, target = it.latency_ms, it.target_latency_ms
   scalar_checks = [
     (BAD_QUALITY, jnp.isfinite(q) & (q >= 0.0) & (q <= 1.0)),
@@ -227,19 +241,36 @@ def _validate(node_tab, edges, it: types.Interaction, slots, sq_x, sq_grad, cfg:
     (BAD_QUERY, jnp.isfinite(sq_x)),
     (BAD_GRAD, ~it.has_grad | jnp.isfinite(sq_grad)),
   ]
-  # The checks are laid out as one vector of reason bits and OR-reduced at once: each separate
-  # reduction would be its own kernel.
-  bit = lambda ok, b: jnp.where(ok, 0, b).astype(jnp.int32)
-  reason_bits = jnp.concatenate(
-    [
-      bit(id_ok, BAD_IDS),
-      bit(~same, BAD_IDS).reshape(-1),
-      bit(~stale, BAD_STALE),
-      jnp.stack([bit(ok, b) for b, ok in scalar_checks]),
-    ]
+  # The checks are laid out as one vector of reason bits, one entry per id and one for the anchor
+  # and the scalars, built elementwise and OR-reduced at once: each reduction is a kernel (and
+  # XLA splits a reduction of a concatenation into one per part).
+  bit = lambda bad, b: jnp.where(bad, b, 0).astype(jnp.int32)
+  scalar_bits = functools.reduce(jnp.bitwise_or, [bit(~ok, b) for b, ok in scalar_checks])
+  pos = jnp.arange(2 * k + 1, dtype=jnp.int32)
+  reason_bits = (
+    bit((pos < 2 * k) & (ids9 < -1), BAD_IDS)
+    | bit(jnp.concatenate([dup, jnp.zeros((1,), jnp.bool_)]), BAD_IDS)
+    | bit((ids9 >= 0) & ~live9, BAD_STALE)
+    | jnp.where(pos == 2 * k, scalar_bits, 0)
   )
   reasons = jax.lax.reduce(reason_bits, jnp.int32(0), jax.lax.bitwise_or, (0,))
-  return reasons, id_nodes, edge_row
+  return reasons
+
+
+_ROWS_PER_KERNEL = 8
+
+
+def _weighted_rows(emb, ids, wts):
+  """`sum_j wts[j] emb[ids[j]]`, the rows read with unrolled dynamic slices (an XLA:CPU gather on
+  the large table costs more) in groups of `_ROWS_PER_KERNEL`: XLA fuses up to about that many
+  row reads into one kernel, and more (top-10 retrieval has 20 ids) into one kernel each."""
+  total = None
+  for g in range(0, ids.shape[0], _ROWS_PER_KERNEL):
+    j = range(g, min(g + _ROWS_PER_KERNEL, ids.shape[0]))
+    rows = jnp.stack([_row(emb, ids[i]) for i in j])
+    part = jnp.sum(wts[g : g + len(j), None] * rows, axis=0)
+    total = part if total is None else total + part
+  return total
 
 
 class _Feedback(NamedTuple):
@@ -261,7 +292,8 @@ def _feedback(base, micro_a, emb, it: types.Interaction, lr, cfg: SonaConfig):
   """Reads the memory embeddings of the ids and everything else the direction needs; `it` has
   slots for ids (`_slot_ids`).
 
-  Returns `(feedback, xa)` with `xa = x A` of the micro-LoRA, which the micro step needs first.
+  Returns `(feedback, xa, counts)`: `xa = x A` of the micro-LoRA, which the micro step needs
+  first, and `counts = [n_used, n_unused]` (f32), which the records need.
   """
   k = cfg.max_ids
   x, q, fb = it.query, it.quality, it.feedback
@@ -269,16 +301,11 @@ def _feedback(base, micro_a, emb, it: types.Interaction, lr, cfg: SonaConfig):
   ids = jnp.concatenate([it.used, it.unused])
   present = ids >= 0
   safe_ids = jnp.maximum(ids, 0)
-  rows = jnp.stack([_row(emb, safe_ids[j]) for j in range(2 * k)])  # [2k, dim]
-  n_used = jnp.sum(present[:k].astype(jnp.float32))
-  n_unused = jnp.sum(present[k:].astype(jnp.float32))
+  counts = jnp.sum(present.reshape(2, k).astype(jnp.float32), axis=1)  # one reduction for both
+  n_used, n_unused = counts[0], counts[1]
   # Weights of the mean of used minus the mean of unused memories, in one matrix product.
-  wts = jnp.concatenate(
-    [
-      present[:k].astype(jnp.float32) / jnp.maximum(n_used, 1.0),
-      -present[k:].astype(jnp.float32) / jnp.maximum(n_unused, 1.0),
-    ]
-  )
+  sign = jnp.asarray([1.0, -1.0], jnp.float32)
+  wts = present.astype(jnp.float32) * jnp.repeat(sign / jnp.maximum(counts, 1.0), k)
   latency_ratio = it.latency_ms / it.target_latency_ms
   gate = (jnp.abs(q_eff - 0.5) > cfg.gate_quality_margin) | (latency_ratio > cfg.gate_latency_ratio)
   # Every inner product over `dim` that does not depend on the micro step, in ONE multiply-and-sum:
@@ -296,7 +323,7 @@ def _feedback(base, micro_a, emb, it: types.Interaction, lr, cfg: SonaConfig):
   fbk = _Feedback(
     x=x,
     y_base=y_base,
-    diff=jnp.sum(wts[:, None] * rows, axis=0),
+    diff=_weighted_rows(emb, safe_ids, wts),
     q_eff=q_eff,
     open_gate=(n_used + n_unused > 0) & gate,
     grad=it.grad,
@@ -305,7 +332,7 @@ def _feedback(base, micro_a, emb, it: types.Interaction, lr, cfg: SonaConfig):
     sq_grad=sums[r_m + r_b + 1],
     lr=lr,
   )
-  return fbk, xa
+  return fbk, xa, counts
 
 
 def _feedback_batch(base, emb, its: types.Interaction, lr, cfg: SonaConfig) -> _Feedback:
@@ -437,8 +464,9 @@ def _nodes(node_tab, id_nodes, it: types.Interaction, q_eff, reasons, cfg: SonaC
   return node_tab.at[targets].set(new_rows, mode="drop", unique_indices=True)
 
 
-def _record_rows(it: types.Interaction, q_eff, cfg: SonaConfig):
-  """The packed signal row (Loop A -> Loop B) and trajectory row of one interaction."""
+def _record_rows(it: types.Interaction, q_eff, cfg: SonaConfig, counts=None):
+  """The packed signal row (Loop A -> Loop B) and trajectory row of one interaction; `counts`
+  (`[n_used, n_unused]`) when the caller has them."""
   k = cfg.max_ids
   signal_row = jnp.concatenate(
     [
@@ -457,9 +485,10 @@ def _record_rows(it: types.Interaction, q_eff, cfg: SonaConfig):
       ),
     ]
   )
-  present = jnp.concatenate([it.used, it.unused]) >= 0
-  n_used = jnp.sum(present[:k].astype(jnp.float32))
-  n_ret = jnp.sum(present.astype(jnp.float32))
+  if counts is None:
+    present = jnp.concatenate([it.used, it.unused]) >= 0
+    counts = jnp.sum(present.reshape(2, k).astype(jnp.float32), axis=1)
+  n_used, n_ret = counts[0], counts[0] + counts[1]
   precision = jnp.where(n_ret > 0, n_used / jnp.maximum(n_ret, 1.0), 0.0)
   traj_row = jnp.concatenate(
     [
@@ -508,23 +537,26 @@ def _step(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, c
   statistics; records; counters. Every write is masked by the acceptance decision.
   """
   it = types.unpack(packed, cfg)
+  slots = _slot_ids(it, cfg.graph_capacity)
+  sig, traj = sub.signals, sub.trajectories
+  nodes9, edge_row, (counters, sig_meta, traj_meta) = _read_rows(
+    sub.node, sub.edges, slots, (sub.counters, sig.meta, traj.meta)
+  )
   # An unset time takes the newest time the state saw (read as a scalar: writing it into `packed`
   # would copy the whole vector first).
-  it = it._replace(time=jnp.where(it.time == types.TIME_UNSET, sub.counters[LAST_TIME], it.time))
-  slots = _slot_ids(it, cfg.graph_capacity)
-  fbk, xa = _feedback(base, sub.micro.a, emb, slots, types.packed_lr(packed, cfg), cfg)
-  reasons, id_nodes, edge_row = _validate(
-    sub.node, sub.edges, it, slots, fbk.sq_x, fbk.sq_grad, cfg
-  )
+  time = jnp.where(it.time == types.TIME_UNSET, counters[LAST_TIME], it.time)
+  it, slots = it._replace(time=time), slots._replace(time=time)
+  fbk, xa, counts = _feedback(base, sub.micro.a, emb, slots, types.packed_lr(packed, cfg), cfg)
+  reasons = _validate(nodes9, it, fbk.sq_x, fbk.sq_grad, cfg)
   micro, step_norm, reasons, active = _learn(sub.micro, fbk, reasons, cfg, xa=xa)
   ok = reasons == 0
   edges, edges_changed = _edges(sub.edges, edge_row, slots, reasons, cfg)
-  node_tab = _nodes(sub.node, id_nodes, slots, fbk.q_eff, reasons, cfg)
-  signal_row, traj_row = _record_rows(it, fbk.q_eff, cfg)
-  signals = buffer.push(sub.signals, signal_row, where=ok)
-  trajectories = buffer.push(sub.trajectories, traj_row, where=ok)
+  node_tab = _nodes(sub.node, nodes9[: 2 * cfg.max_ids], slots, fbk.q_eff, reasons, cfg)
+  signal_row, traj_row = _record_rows(it, fbk.q_eff, cfg, counts)
+  signals = buffer.push(sig._replace(meta=sig_meta), signal_row, where=ok)
+  trajectories = buffer.push(traj._replace(meta=traj_meta), traj_row, where=ok)
   updated = ok & active
-  counters = _counters(sub.counters, it.time, ok, updated)
+  counters = _counters(counters, it.time, ok, updated)
   report = _report(ok, reasons, updated, step_norm, edges_changed)
   return LoopAState(micro, edges, node_tab, signals, trajectories, counters), report
 
@@ -628,9 +660,8 @@ def _scan(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, n
   slots = _slot_ids(its, cfg.graph_capacity)
   fbk = _feedback_batch(base, emb, slots, types.packed_lr(packed, cfg), cfg)
   stamped = its._replace(time=jnp.where(unset, sub.counters[LAST_TIME], its.time))
-  reasons, _, _ = jax.vmap(lambda *a: _validate(sub.node, sub.edges, *a, cfg))(
-    stamped, slots, fbk.sq_x, fbk.sq_grad
-  )
+  nodes9, _, _ = jax.vmap(lambda sl: _read_rows(sub.node, sub.edges, sl))(slots)
+  reasons = jax.vmap(lambda *a: _validate(*a, cfg))(nodes9, stamped, fbk.sq_x, fbk.sq_grad)
   valid = jnp.arange(packed.shape[0], dtype=jnp.int32) < n_valid
   reasons = jnp.where(valid, reasons, reasons | _PADDING)
 
