@@ -12,11 +12,18 @@ receives the interaction as ONE packed vector (`types.pack`), reads embedding ro
 `dynamic_slice` (an XLA:CPU gather on the large table costs more) and node rows with one small
 gather, and never retraces after the first call.
 
-XLA:CPU runs the ~80 small kernels of a call as a dataflow graph and hands independent ones to
+XLA:CPU runs the ~50 small kernels of a call as a dataflow graph and hands independent ones to
 its thread pool; on a small idle machine waking a pool thread costs more than the arithmetic. The
 step is therefore compiled with the memory-optimised scheduler (`_COMPILER_OPTIONS`, per-function
 options), whose buffer reuse chains the kernels so that they run inline in the calling thread
 (dim 768 on 2 cores: ~150-200 us p50 before, ~50-75 us after).
+
+Each kernel costs ~1 us on XLA:CPU's thunk runtime whatever it computes, so the step is written
+for few kernels (`benchmarks/bench_instant.py` counts them in the optimised HLO: 79 before this
+layout, 46 at `max_ids=4` and 51 at the default 10): the inner products over `dim` that do not
+depend on each other share one multiply-and-sum, validation is one elementwise pass and one
+reduction, the Hebbian row update is elementwise, and everything read from an array that is
+updated in place is read first, behind one barrier (`_read_rows`), so XLA copies nothing.
 
 `instant_scan` gives a batch sequential semantics but runs sequentially only what must be: the
 micro-LoRA chain (each step reads the adapter the previous one wrote) is a lean `lax.scan`;
@@ -725,7 +732,7 @@ def _scan(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, n
 
 # Per-function XLA:CPU options (no global setting changes; other backends ignore xla_cpu_*):
 # - the memory-optimised scheduler: XLA:CPU runs a program as a dataflow graph of small kernels
-#   and hands independent ones to its thread pool; for Loop A's ~80 tiny kernels, waking pool
+#   and hands independent ones to its thread pool; for Loop A's ~50 tiny kernels, waking pool
 #   threads costs more than the arithmetic. Buffer reuse chains the kernels so that the runtime
 #   runs them inline: dim 768 on 2 cores, ~50 us p50 against 150-200 us with the default;
 # - no YNNPACK fusions: they route Loop A's small matrix-vector products to a library call costing
