@@ -650,6 +650,13 @@ def _nodes_batch(node_tab, its: types.Interaction, q_eff, ok, cfg: SonaConfig):
   return node_tab.at[last].set(rows, mode="drop")
 
 
+# Micro-LoRA steps per iteration of the sequential scan (`lax.scan(unroll=...)`): fewer loop
+# iterations, each with its per-iteration slicing and bookkeeping kernels. Measured side by side
+# at dim 768, batches of 256 on a loaded 2-core machine: 1 -> 8 raised instant_scan 1.5-1.8x
+# (16 and 32 gained nothing more).
+_SCAN_UNROLL = 8
+
+
 def _scan(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, n_valid, cfg):
   """Loop A over a batch `packed: f32[B, width]`, equal to B sequential `_step`s on its first
   `n_valid` rows (the rest is padding: never applied, never counted).
@@ -712,7 +719,9 @@ def _scan(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, n
     out = jnp.stack([_bits(r), active.astype(jnp.float32), step_norm, _bits(t)])  # one output
     return (micro, newest), out
 
-  (micro, _), out = jax.lax.scan(body, (sub.micro, sub.counters[LAST_TIME]), (vecs, scalars))
+  (micro, _), out = jax.lax.scan(
+    body, (sub.micro, sub.counters[LAST_TIME]), (vecs, scalars), unroll=_SCAN_UNROLL
+  )
   reasons = jax.lax.bitcast_convert_type(out[:, 0], jnp.int32)
   active, step_norm = out[:, 1] > 0, out[:, 2]
   times = jnp.where(unset, jax.lax.bitcast_convert_type(out[:, 3], jnp.int32), its.time)
