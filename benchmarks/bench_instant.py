@@ -1,13 +1,19 @@
 """Loop A latency and throughput, side by side with the peer `@ruvector/sona`, in one run.
 
-Measures, at dims 256, 768 and 4096 (micro rank 2, 4 used + 4 unused ids, a graph of 10,000
-nodes x 16 slots):
+Measures, at dims 256, 768 and 4096 (micro rank 2, the default `max_ids` with the feedback of a
+top-10 retrieval: 5 used + 5 unused ids, a graph of 10,000 nodes x 16 slots):
 
+- the number of kernels (thunks) XLA:CPU runs per `instant_step`, counted in the optimised HLO
+  (each costs ~1 us on XLA:CPU whatever it computes);
 - `instant_step` p50/p99 per call on a prebuilt interaction, blocked until every array it wrote
   is ready (the Loop A part of the state; blocking on all ~80 leaves of the state, most of them
   untouched Loop B arrays, would add ~14 us of traversal that says nothing about Loop A);
-- `make_interaction` + `instant_step` (what a serving loop pays per request);
+- `make_interaction` + `instant_step` (what a serving loop pays per request), and
+  `types.pack_interaction` + `step_packed` (the path of `Sona.observe(query=..., ...)`: the fields
+  packed straight into the vector Loop A reads);
 - `instant_scan` throughput with batches of 256;
+- in low-latency mode at dim 768, the cost of wider id lists: `max_ids` 4 with 4 + 4 ids against
+  10 with 5 + 5 and 10 + 10;
 
 in JAX's default CPU mode, in `configure_cpu_low_latency()` mode, and in that mode pinned to one
 CPU (`pin_cpu=`), each mode in its own subprocess (the XLA flag must be set before JAX starts).
@@ -32,6 +38,22 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# Instructions of an optimised HLO entry computation that run no kernel.
+_NOT_KERNELS = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
+
+
+def count_kernels(compiled_text: str) -> int:
+  """Kernels (thunks) of a compiled XLA:CPU program: the instructions of its entry computation
+  other than parameters, constants, tuples and bitcasts (fusions, copies, sorts, custom calls,
+  dynamic-update-slices...). On XLA:CPU each costs ~1 us whatever it computes."""
+  import re
+
+  entry = compiled_text[compiled_text.index("ENTRY") :]
+  entry = entry[: entry.index("\n}")]
+  ops = [re.search(r"=\s*\S+\s+([\w-]+)\(", line) for line in entry.splitlines()[1:]]
+  return sum(1 for m in ops if m and m.group(1) not in _NOT_KERNELS)
+
+
 RESULTS = HERE / "results"
 DEFAULT_DIMS = (256, 768, 4096)
 
@@ -66,13 +88,14 @@ def _worker(mode: str, dims: list[int], n: int, batches: int) -> dict:
       state.metrics,
     )
 
-  for dim in dims:
+  def measure(dim: int, max_ids: int, per_side: int, full: bool = True) -> dict:
+    """One configuration: `per_side` used and `per_side` unused ids per interaction."""
     cfg = sona.SonaConfig(
       dim=dim,
       micro_rank=2,
       graph_capacity=10_000,
       graph_degree=16,
-      max_ids=4,
+      max_ids=max_ids,
       signal_capacity=10_000,
       trajectory_capacity=10_000,
     )
@@ -84,15 +107,15 @@ def _worker(mode: str, dims: list[int], n: int, batches: int) -> dict:
     state = state._replace(graph=g)
     pool = 512
     queries = rng.normal(size=(pool, dim)).astype(np.float32)
-    ids = np.stack([rng.choice(10_000, 9, replace=False) for _ in range(pool)])
+    ids = np.stack([rng.choice(10_000, 2 * per_side + 1, replace=False) for _ in range(pool)])
     quality = rng.uniform(size=pool)
     args = [
       dict(
         query=queries[i],
         quality=float(quality[i]),
         anchor=int(ids[i, 0]),
-        used=ids[i, 1:5].tolist(),
-        unused=ids[i, 5:9].tolist(),
+        used=ids[i, 1 : 1 + per_side].tolist(),
+        unused=ids[i, 1 + per_side :].tolist(),
         tier=int(i % 3),
         latency_ms=float(50 + i % 200),
         context_tokens=512,
@@ -101,6 +124,11 @@ def _worker(mode: str, dims: list[int], n: int, batches: int) -> dict:
       for i in range(pool)
     ]
     its = [sona.make_interaction(cfg, **a) for a in args]
+    packed = sona.types.pack(its[0], cfg)
+    lowered = instant._jitted()[0].lower(
+      instant._split(state), state.base, state.graph.emb, packed, cfg
+    )
+    kernels = count_kernels(lowered.compile().as_text())
     for i in range(200):  # warm-up (compiles once)
       state, _ = sona.instant_step(state, its[i % pool], cfg)
     jax.block_until_ready(state)
@@ -110,12 +138,30 @@ def _worker(mode: str, dims: list[int], n: int, batches: int) -> dict:
       state, _ = sona.instant_step(state, its[i % pool], cfg)
       jax.block_until_ready(written(state))
       step_t.append(time.perf_counter() - t)
+    res = dict(
+      dim=dim,
+      max_ids=max_ids,
+      ids_per_side=per_side,
+      kernels=kernels,
+      step_p50_us=float(np.percentile(step_t, 50) * 1e6),
+      step_p99_us=float(np.percentile(step_t, 99) * 1e6),
+      step_mean_us=float(np.mean(step_t) * 1e6),
+    )
+    if not full:
+      return res
     for i in range(n):
       t = time.perf_counter()
       it = sona.make_interaction(cfg, **args[i % pool])
       state, _ = sona.instant_step(state, it, cfg)
       jax.block_until_ready(written(state))
       full_t.append(time.perf_counter() - t)
+    pack_t = []  # the request path without an Interaction (what Sona.observe(query=...) does)
+    for i in range(n):
+      t = time.perf_counter()
+      packed = sona.types.pack_interaction(cfg, **args[i % pool])
+      state, _ = instant.step_packed(state, packed, cfg)
+      jax.block_until_ready(written(state))
+      pack_t.append(time.perf_counter() - t)
     # Batched: 256 interactions per call, sequential semantics.
     batch = sona.stack_interactions(its[:256])
     state, _ = sona.instant_scan(state, batch, cfg)
@@ -125,19 +171,22 @@ def _worker(mode: str, dims: list[int], n: int, batches: int) -> dict:
       state, _ = sona.instant_scan(state, batch, cfg)
     jax.block_until_ready(state)
     scan_s = time.perf_counter() - t
-    out["results"].append(
-      dict(
-        dim=dim,
-        step_p50_us=float(np.percentile(step_t, 50) * 1e6),
-        step_p99_us=float(np.percentile(step_t, 99) * 1e6),
-        step_mean_us=float(np.mean(step_t) * 1e6),
-        full_p50_us=float(np.percentile(full_t, 50) * 1e6),
-        full_p99_us=float(np.percentile(full_t, 99) * 1e6),
-        scan_per_s=float(batches * 256 / scan_s),
-        compiles=int(instant._jitted()[0]._cache_size()),
-        rejected=int(state.metrics.rejected),
-      )
+    return dict(
+      res,
+      full_p50_us=float(np.percentile(full_t, 50) * 1e6),
+      full_p99_us=float(np.percentile(full_t, 99) * 1e6),
+      pack_p50_us=float(np.percentile(pack_t, 50) * 1e6),
+      scan_per_s=float(batches * 256 / scan_s),
+      compiles=int(instant._jitted()[0]._cache_size()),
+      rejected=int(state.metrics.rejected),
     )
+
+  # The default max_ids with the feedback of a top-10 retrieval (5 used, 5 unused).
+  default_k = sona.SonaConfig(dim=8).max_ids
+  for dim in dims:
+    out["results"].append(measure(dim, default_k, 5))
+  if mode == "low_latency":  # the cost of wider id lists, at dim 768
+    out["ids_cost"] = [measure(768, k, per, full=False) for k, per in ((4, 4), (10, 5), (10, 10))]
   return out
 
 
@@ -178,7 +227,8 @@ def main(argv=None) -> int:
   peer_by_dim = {r["dim"]: r for r in (peer or {}).get("results", [])}
 
   header = (
-    f"{'dim':>5} {'mode':<12} {'step p50':>9} {'step p99':>9} {'make+step':>10} "
+    f"{'dim':>5} {'mode':<12} {'kernels':>7} {'step p50':>9} {'step p99':>9} {'make+step':>10} "
+    f"{'pack+step':>10} "
     f"{'scan/s':>10} {'peer p50':>9} {'ratio':>6} {'ratio(m+s)':>10}"
   )
   lines = [header, "-" * len(header)]
@@ -193,8 +243,9 @@ def main(argv=None) -> int:
         dict(r, mode=mode, peer_p50_us=pr and pr["p50_us"], ratio=ratio, ratio_make_step=ratio_full)
       )
       lines.append(
-        f"{dim:>5} {mode:<12} {r['step_p50_us']:>7.1f}us {r['step_p99_us']:>7.1f}us "
-        f"{r['full_p50_us']:>8.1f}us {r['scan_per_s']:>10,.0f} "
+        f"{dim:>5} {mode:<12} {r['kernels']:>7} "
+        f"{r['step_p50_us']:>7.1f}us {r['step_p99_us']:>7.1f}us "
+        f"{r['full_p50_us']:>8.1f}us {r['pack_p50_us']:>8.1f}us {r['scan_per_s']:>10,.0f} "
         + (
           f"{pr['p50_us']:>7.1f}us {ratio:>6.2f} {ratio_full:>10.2f}"
           if pr
@@ -203,6 +254,18 @@ def main(argv=None) -> int:
       )
   table = "\n".join(lines)
   print(table)
+  ids_cost = modes["low_latency"].get("ids_cost", [])
+  cost_lines = [
+    "cost of wider id lists (dim 768, low_latency mode, same process):",
+    f"{'max_ids':>7} {'used+unused':>11} {'kernels':>7} {'step p50':>9} {'step p99':>9}",
+  ]
+  for r in ids_cost:
+    cost_lines.append(
+      f"{r['max_ids']:>7} {r['ids_per_side']:>5}+{r['ids_per_side']:<5} {r['kernels']:>7} "
+      f"{r['step_p50_us']:>7.1f}us {r['step_p99_us']:>7.1f}us"
+    )
+  ids_table = "\n".join(cost_lines)
+  print("\n" + ids_table)
   if not peer:
     print(f"\npeer column skipped: {note}")
   else:
@@ -218,9 +281,18 @@ def main(argv=None) -> int:
       platform=platform.platform(), cpus=os.cpu_count(), python=platform.python_version()
     ),
     config=dict(
-      micro_rank=2, graph_capacity=10_000, graph_degree=16, used=4, unused=4, n=a.n, scan_batch=256
+      micro_rank=2,
+      graph_capacity=10_000,
+      graph_degree=16,
+      max_ids="SonaConfig default",
+      used=5,
+      unused=5,
+      n=a.n,
+      scan_batch=256,
     ),
     rows=rows,
+    ids_cost=ids_cost,
+    ids_table=ids_table,
     peer=peer,
     peer_note=note,
     table=table,

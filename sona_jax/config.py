@@ -55,7 +55,9 @@ class SonaConfig:
     n_tiers: number of model tiers the router chooses between.
     tier_costs: relative cost of each tier, cheapest first; length `n_tiers`.
     target_latency_ms: default latency target of `make_interaction`.
-    max_ids: fixed length `k` of the `used` / `unused` memory id lists of an interaction.
+    max_ids: fixed length `k` of the `used` / `unused` memory id lists of an interaction. The
+      default 10 takes the feedback of a top-10 retrieval (any split into used and unused);
+      Loop A reads the 2k embedding rows, so a shorter list is a little cheaper (bench_instant).
     graph_capacity: number of memory nodes `N` (fixed; a full graph evicts the lowest-value
       established node, see `admission_window_s`).
     graph_degree: edge slots per node `K` (ELL layout).
@@ -157,7 +159,7 @@ class SonaConfig:
   n_tiers: int = 3
   tier_costs: tuple[float, ...] = (1.0, 3.0, 10.0)
   target_latency_ms: float = 200.0
-  max_ids: int = 4
+  max_ids: int = 10
   graph_capacity: int = 10_000
   graph_degree: int = 16
   hebbian_strengthen: float = 0.05

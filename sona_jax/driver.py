@@ -781,12 +781,25 @@ class Sona:
       raise TypeError("Sona.observe: interactions must hold concrete values (not traced)")
     return types.stamp(packed, self.cfg, now=self.now(), micro_lr=self._knobs.micro_lr)
 
-  def observe(self, interaction: types.Interaction) -> InstantReport:
+  def observe(self, interaction: types.Interaction | None = None, **fields) -> InstantReport:
     """Loop A on one interaction (one fused jitted transition; coalesced with concurrent calls).
 
-    An interaction made without a time is stamped with the driver's clock on arrival.
+    Give an `Interaction`, or its fields as keywords (the arguments of `make_interaction`:
+    `query=..., quality=..., used=..., unused=...`): those are packed straight into the vector
+    Loop A reads (`types.pack_interaction`), the cheaper request path. An interaction made
+    without a time is stamped with the driver's clock on arrival.
     """
-    return self._submit(_Ticket(self._packed(interaction, False), None))
+    if interaction is None:
+      if not fields:
+        raise TypeError("Sona.observe: give an Interaction or its fields (query=, quality=, ...)")
+      if fields.get("time") is None:
+        fields["time"] = self.now()
+      packed = types.pack_interaction(self.cfg, micro_lr=self._knobs.micro_lr, **fields)
+    elif fields:
+      raise TypeError("Sona.observe: give an Interaction or keyword fields, not both")
+    else:
+      packed = self._packed(interaction, False)
+    return self._submit(_Ticket(packed, None))
 
   def observe_many(self, interactions: types.Interaction | Sequence[types.Interaction]):
     """Loop A on a batch (a stacked `Interaction` or a list), sequential semantics."""

@@ -426,8 +426,9 @@ def hebbian_row(row: jax.Array, anchor, used, unused, *, strengthen_rate, weaken
   edge never is); (3) every remaining edge to an unused id is weakened. Ids of -1 and self-loops
   are skipped; ids are assumed distinct (Loop A rejects duplicates).
 
-  Vectorised over the ids (one match matrix, one stable sort of the K slots) rather than unrolled:
-  on CPU each small reduction is its own kernel, and Loop A's latency is mostly kernel count.
+  Written as elementwise operations on the K slots or the k ids, unrolled over the other axis
+  (k ids, K <= 64 slots): on CPU each reduction, sort or gather is a kernel of its own, and Loop
+  A's latency is mostly kernel count, while elementwise work fuses into a few kernels.
 
   Args:
     row: i32[3K] packed edge row.
@@ -441,41 +442,52 @@ def hebbian_row(row: jax.Array, anchor, used, unused, *, strengthen_rate, weaken
     `(row, n_changed)`: the new row and the number of ids that changed an edge.
   """
   k = row.shape[-1] // 3
+  k_u, k_v = used.shape[-1], unused.shape[-1]
   nbr, w, kind = row[:k], _i2f(row[k : 2 * k]), row[2 * k :]
   s = jnp.float32(strengthen_rate)
+  any_of = lambda xs: functools.reduce(jnp.logical_or, xs)
   u_valid = (used >= 0) & (used != anchor)
   v_valid = (unused >= 0) & (unused != anchor)
-  u_match = (used[:, None] == nbr[None, :]) & u_valid[:, None]  # [k_ids, K]
-  v_match = (unused[:, None] == nbr[None, :]) & v_valid[:, None]
-  strengthened = jnp.any(u_match, axis=0)  # [K]
-  weakened = jnp.any(v_match, axis=0)
-  u_new = u_valid & ~jnp.any(u_match, axis=1)  # used ids that need a new edge
+  u_match = [(used[j] == nbr) & u_valid[j] for j in range(k_u)]  # per id: [K] slots it matches
+  v_match = [(unused[j] == nbr) & v_valid[j] for j in range(k_v)]
+  strengthened = any_of(u_match)  # [K]
+  weakened = any_of(v_match)
+  u_has = u_valid & any_of([used == nbr[m] for m in range(k)])  # [k_u]: used ids with an edge
+  u_new = u_valid & ~u_has  # used ids that need a new edge
   # Slots in the order sequential insertion would take them: empty slots by index, then the
-  # weakest first (stable sort, so ties go to the lower index, like argmin).
+  # weakest first (ties to the lower index, like argmin): a slot's position counts the slots
+  # before it.
   empty = nbr < 0
   w = jnp.where(strengthened, strengthen(w, s), w)
-  order = jnp.argsort(jnp.where(empty, -1.0, w), stable=True)
-  rank = jnp.cumsum(u_new.astype(jnp.int32)) - 1  # r-th new id takes the r-th slot of `order`
-  # One-hot selections instead of gathers: on CPU each gather is its own kernel.
+  key = jnp.where(empty, -1.0, w)
   slots = jnp.arange(k, dtype=jnp.int32)
-  pick = rank[:, None] == slots[None, :]  # [k_ids, K]: rank r -> position r of `order`
-  target = jnp.sum(jnp.where(pick, order[None, :], 0), axis=1)
+  position = sum(
+    ((key[i] < key) | ((key[i] == key) & (i < slots))).astype(jnp.int32) for i in range(k)
+  )
+  # The r-th new id (in order) takes the slot at position r.
+  new_i = u_new.astype(jnp.int32)
+  ids_at = jnp.arange(k_u, dtype=jnp.int32)
+  rank = sum(jnp.where(ids_at >= i, new_i[i], 0) for i in range(k_u)) - 1  # cumsum, elementwise
+  target = sum(jnp.where(position[m] == rank, m, 0) for m in range(k))  # [k_u]
   free = empty | (w < s)
-  hit = target[:, None] == slots[None, :]  # [k_ids, K]: id -> its target slot
-  target_free = jnp.any(hit & free[None, :], axis=1)
+  target_free = any_of([(target == m) & free[m] for m in range(k)])
   u_ins = u_new & (rank < k) & target_free
-  ins = hit & u_ins[:, None]  # [k_ids, K]
-  inserted = jnp.any(ins, axis=0)
-  new_id = jnp.max(jnp.where(ins, used[:, None], -1), axis=0)
+  ins = [(slots == target[j]) & u_ins[j] for j in range(k_u)]  # per id: [K] the slot it takes
+  inserted = any_of(ins)
+  new_id = functools.reduce(jnp.maximum, [jnp.where(ins[j], used[j], -1) for j in range(k_u)])
   w = jnp.where(inserted, s, w)
   weakened = weakened & ~inserted  # an unused id whose slot a new edge just took is gone
   w = jnp.where(weakened, weaken(w, jnp.float32(weaken_rate)), w)
   nbr = jnp.where(inserted, new_id, nbr)
   kind = jnp.where(strengthened | inserted, HEBBIAN, kind)
-  changed = jnp.sum(jnp.any(u_match, axis=1) | u_ins) + jnp.sum(
-    jnp.any(v_match & ~inserted[None, :], axis=1)
-  )
-  return jnp.concatenate([nbr, _f2i(w), kind]), changed.astype(jnp.int32)
+  changed_u = (u_has | u_ins).astype(jnp.int32)
+  # An unused id changed an edge when it matched a slot that no new edge took.
+  v_hit = [
+    v_valid[j] & any_of([(unused[j] == row[m]) & ~inserted[m] for m in range(k)])
+    for j in range(k_v)
+  ]
+  changed = sum(changed_u[j] for j in range(k_u)) + sum(h.astype(jnp.int32) for h in v_hit)
+  return jnp.concatenate([nbr, _f2i(w), kind]), jnp.asarray(changed, jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("strengthen_rate", "weaken_rate"))

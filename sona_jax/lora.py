@@ -251,14 +251,29 @@ def micro_update_with_norm(
 
 
 def micro_update_fast(
-  micro: LoRA, x: jax.Array, g: jax.Array, lr, weight=1.0, *, scale=1.0, clip=None
+  micro: LoRA,
+  x: jax.Array,
+  g: jax.Array,
+  lr,
+  weight=1.0,
+  *,
+  scale=1.0,
+  clip=None,
+  xa: jax.Array | None = None,
+  gb: jax.Array | None = None,
+  sq_x: jax.Array | None = None,
+  sq_g: jax.Array | None = None,
 ) -> tuple[LoRA, jax.Array]:
-  """`micro_update_with_norm` in plain f32 arithmetic: the per-request path of Loop A.
+  """The micro-LoRA rule in plain f32 arithmetic: the one Loop A applies per request.
 
-  The same step and clipping, without the log-space rescaling that keeps `micro_update_with_norm`
-  finite for inputs near the f32 range: on CPU every extra reduction is its own kernel, and Loop A's
-  latency is mostly kernel count. Extreme inputs can give a non-finite step here; Loop A checks the
-  result and rejects (and counts) such a request instead of applying it.
+  The step and per-factor clipping of `micro_update_with_norm` (docs/design.md, "Micro-LoRA
+  step"), without the log-space rescaling that keeps `micro_update_with_norm` finite for inputs
+  near the f32 range: on CPU every extra reduction is its own kernel, and Loop A's latency is mostly
+  kernel count. Extreme inputs can give a non-finite step here; Loop A checks the result and
+  rejects (and counts) such a request instead of applying it.
+
+  A caller that already has the inner products (Loop A computes them together with others, in
+  one pass over `dim`) passes them in, and the rule then reduces nothing over `dim`.
 
   Args:
     micro: `LoRA(a: f32[d_in, r], b: f32[r, d_out])`.
@@ -268,21 +283,26 @@ def micro_update_fast(
     weight: per-signal weight (float or traced scalar), e.g. a 0/1 gate.
     scale: `s = alpha / r`.
     clip: maximum Frobenius norm of each factor's step, or None.
+    xa: f32[r] `x A`, or None to compute it.
+    gb: f32[r] `B g`, or None to compute it.
+    sq_x: f32[] `|x|^2`, or None to compute it.
+    sq_g: f32[] `|g|^2`, or None to compute it.
 
   Returns:
     `(new_micro, step_norm)`, `step_norm` the unclipped norm of the whole step.
   """
   coef = jnp.asarray(lr, jnp.float32) * jnp.asarray(weight, jnp.float32) * scale
-  xa = x @ micro.a  # [r]
-  gb = micro.b @ g  # [r]
-  # |u v^T|_F = |u| |v|: the norms need only the vectors, not the [d, r] steps.
-  norm_b = jnp.abs(coef) * jnp.sqrt(jnp.dot(xa, xa) * jnp.dot(g, g))
-  norm_a = jnp.abs(coef) * jnp.sqrt(jnp.dot(x, x) * jnp.dot(gb, gb))
-  step_norm = jnp.sqrt(norm_a * norm_a + norm_b * norm_b)
+  xa = x @ micro.a if xa is None else xa  # [r]
+  gb = micro.b @ g if gb is None else gb  # [r]
+  sq_x = jnp.dot(x, x) if sq_x is None else sq_x
+  sq_g = jnp.dot(g, g) if sq_g is None else sq_g
+  # |u v^T|_F = |u| |v|: the norms need only the vectors, not the [d, r] steps. Both factors'
+  # norms and clip factors are computed as 2-vectors: one kernel each on CPU, not two.
+  norms = jnp.abs(coef) * jnp.sqrt(jnp.stack([sq_x * jnp.dot(gb, gb), jnp.dot(xa, xa) * sq_g]))
+  step_norm = jnp.sqrt(norms[0] * norms[0] + norms[1] * norms[1])
   if clip is not None:
-    clip = jnp.float32(clip)
-    coef_a = coef * jnp.minimum(1.0, clip / jnp.maximum(norm_a, _TINY))
-    coef_b = coef * jnp.minimum(1.0, clip / jnp.maximum(norm_b, _TINY))
+    coefs = coef * jnp.minimum(1.0, jnp.float32(clip) / jnp.maximum(norms, _TINY))
+    coef_a, coef_b = coefs[0], coefs[1]
   else:
     coef_a = coef_b = coef
   step_b = (coef_b * xa)[:, None] * g[None, :]  # [r, d_out]

@@ -34,6 +34,7 @@ __all__ = [
   "Signal",
   "Trajectory",
   "make_interaction",
+  "pack_interaction",
   "stack_interactions",
   "check_interaction",
   "pack",
@@ -479,6 +480,95 @@ def _float(name: str, value) -> float:
   return v
 
 
+def pack_interaction(
+  cfg: SonaConfig,
+  *,
+  query,
+  quality,
+  anchor: int = -1,
+  used: Sequence[int] = (),
+  unused: Sequence[int] = (),
+  tier: int = 0,
+  latency_ms: float = 0.0,
+  target_latency_ms: float | None = None,
+  context_tokens: int = 0,
+  feedback: float = math.nan,
+  grad=None,
+  time: int | None = None,
+  micro_lr: float | None = None,
+  out: np.ndarray | None = None,
+) -> np.ndarray:
+  """`pack(make_interaction(cfg, ...))` in one pass: the fields written straight into the packed
+  vector, without building an `Interaction` (the request path of `Sona.observe(query=...)`).
+
+  Args:
+    cfg: the learner's config.
+    query, quality, anchor, used, unused, tier, latency_ms, target_latency_ms, context_tokens,
+      feedback, grad, time: as in `make_interaction` (same checks, same errors).
+    micro_lr: the live micro-LoRA learning rate it carries into Loop A (None: `cfg.micro_lr`).
+    out: f32[packed_width(cfg)] to write into (a new array when None).
+
+  Returns:
+    f32[packed_width(cfg)], the packed interaction (`out` when given).
+
+  Examples:
+    >>> import sona_jax as sona
+    >>> cfg = sona.SonaConfig(dim=4, base_rank=4)
+    >>> p = sona.types.pack_interaction(cfg, query=[1.0, 0.0, 0.0, 0.0], quality=0.2, used=[3])
+    >>> p.shape == (sona.types.packed_width(cfg),)
+    True
+  """
+  d, k = cfg.dim, cfg.max_ids
+  s0 = _scalar_offset(cfg)
+  width = packed_width(cfg)
+  if out is None:
+    buf = np.empty((width,), np.float32)
+  elif type(out) is not np.ndarray or out.shape != (width,) or out.dtype != np.float32:
+    raise ValueError(f"pack_interaction: out must be a float32 NumPy array of shape ({width},)")
+  else:
+    buf = out
+  ibuf = buf.view(np.int32)
+  q = query if type(query) is np.ndarray else np.asarray(query)
+  if q.dtype.kind not in "fiu":
+    raise ValueError(f"make_interaction: query must be numeric, got dtype {q.dtype}")
+  if q.shape != (d,):
+    raise ValueError(f"make_interaction: query has shape {q.shape}; expected ({d},)")
+  if q.dtype.itemsize > 4:  # float64 beyond float32's range becomes inf (rejected), silently
+    with np.errstate(over="ignore"):
+      buf[:d] = q
+  else:
+    buf[:d] = q
+  if grad is None:
+    buf[s0 + N_SCALARS :] = 0.0
+  else:
+    g = grad if type(grad) is np.ndarray else np.asarray(grad)
+    if g.dtype.kind not in "fiu":
+      raise ValueError(f"make_interaction: grad must be numeric, got dtype {g.dtype}")
+    if g.shape != (d,):
+      raise ValueError(f"make_interaction: grad has shape {g.shape}; expected ({d},)")
+    with np.errstate(over="ignore"):
+      buf[s0 + N_SCALARS :] = g
+  _ids_into(ibuf[d : d + k], "used", used, k)
+  _ids_into(ibuf[d + k : s0], "unused", unused, k)
+  if target_latency_ms is None:
+    target_latency_ms = cfg.target_latency_ms
+  _SCALARS.pack_into(
+    buf,
+    4 * s0,
+    _int("anchor", anchor),
+    _float("quality", quality),
+    _float("latency_ms", latency_ms),
+    _float("target_latency_ms", target_latency_ms),
+    _int("tier", tier),
+    _int("context_tokens", context_tokens),
+    _float("feedback", feedback),
+    0.0 if grad is None else 1.0,
+    TIME_UNSET if time is None else _int("time", time),
+    math.nan if micro_lr is None else _float("micro_lr", micro_lr),
+  )
+  return buf
+
+
 def make_interaction(
   cfg: SonaConfig,
   *,
@@ -529,46 +619,22 @@ def make_interaction(
   """
   d, k = cfg.dim, cfg.max_ids
   s0 = _scalar_offset(cfg)
-  buf = np.empty((packed_width(cfg),), np.float32)
-  ibuf = buf.view(np.int32)
-  q = query if type(query) is np.ndarray else np.asarray(query)
-  if q.dtype.kind not in "fiu":
-    raise ValueError(f"make_interaction: query must be numeric, got dtype {q.dtype}")
-  if q.shape != (d,):
-    raise ValueError(f"make_interaction: query has shape {q.shape}; expected ({d},)")
-  if q.dtype.itemsize > 4:  # float64 beyond float32's range becomes inf (rejected), silently
-    with np.errstate(over="ignore"):
-      buf[:d] = q
-  else:
-    buf[:d] = q
-  if grad is None:
-    buf[s0 + N_SCALARS :] = 0.0
-  else:
-    g = grad if type(grad) is np.ndarray else np.asarray(grad)
-    if g.dtype.kind not in "fiu":
-      raise ValueError(f"make_interaction: grad must be numeric, got dtype {g.dtype}")
-    if g.shape != (d,):
-      raise ValueError(f"make_interaction: grad has shape {g.shape}; expected ({d},)")
-    with np.errstate(over="ignore"):
-      buf[s0 + N_SCALARS :] = g
-  _ids_into(ibuf[d : d + k], "used", used, k)
-  _ids_into(ibuf[d + k : s0], "unused", unused, k)
-  if target_latency_ms is None:
-    target_latency_ms = cfg.target_latency_ms
-  _SCALARS.pack_into(
-    buf,
-    4 * s0,
-    _int("anchor", anchor),
-    _float("quality", quality),
-    _float("latency_ms", latency_ms),
-    _float("target_latency_ms", target_latency_ms),
-    _int("tier", tier),
-    _int("context_tokens", context_tokens),
-    _float("feedback", feedback),
-    0.0 if grad is None else 1.0,
-    TIME_UNSET if time is None else _int("time", time),
-    math.nan,
+  buf = pack_interaction(
+    cfg,
+    query=query,
+    quality=quality,
+    anchor=anchor,
+    used=used,
+    unused=unused,
+    tier=tier,
+    latency_ms=latency_ms,
+    target_latency_ms=target_latency_ms,
+    context_tokens=context_tokens,
+    feedback=feedback,
+    grad=grad,
+    time=time,
   )
+  ibuf = buf.view(np.int32)
   buf.setflags(write=False)
   ibuf.setflags(write=False)
   fview = lambda j: buf[s0 + j : s0 + j + 1].reshape(())

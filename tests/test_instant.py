@@ -345,3 +345,36 @@ def test_instant_step_works_inside_user_jit():
   out, rep = user_step(state, jax_it)
   np.testing.assert_allclose(np.asarray(rep.values), np.asarray(ref_rep.values), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(out.micro.b), np.asarray(ref.micro.b), rtol=1e-6)
+
+
+def test_sona_observe_with_fields_equals_observe_with_an_interaction():
+  class Clock:
+    t = 1_700_000_000.0
+
+    def __call__(self):
+      return self.t
+
+  rng = np.random.default_rng(5)
+  mem = rng.normal(size=(6, CFG.dim)).astype(np.float32)
+  engines = []
+  for _ in range(2):
+    clock = Clock()
+    e = sona.Sona(CFG, key=jax.random.key(0), clock=clock, batching=False)
+    ids = [e.add_memory(m, quality=0.5) for m in mem]
+    clock.t += 40
+    e.set_knobs(micro_lr=0.3)
+    engines.append((e, ids))
+  reports = []
+  for i in range(4):
+    q = rng.normal(size=CFG.dim).astype(np.float32)
+    kw = dict(query=q, quality=0.2 + 0.2 * i, used=[i, i + 1], unused=[5], anchor=2)
+    (a, ids), (b, _) = engines
+    reports.append((a.observe(sona.make_interaction(CFG, **kw)), b.observe(**kw)))
+  for ra, rb in reports:
+    assert np.asarray(ra.values).tobytes() == np.asarray(rb.values).tobytes()
+  assert int(engines[0][0].state.metrics.processed) == 4
+  _assert_bit_identical(_host(engines[0][0].state), _host(engines[1][0].state))
+  with pytest.raises(TypeError, match="not both"):
+    engines[0][0].observe(sona.make_interaction(CFG, query=q, quality=0.5), quality=0.5)
+  with pytest.raises(TypeError, match="give an Interaction"):
+    engines[0][0].observe()

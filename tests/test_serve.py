@@ -118,7 +118,12 @@ BAD = [
   ("/feedback", {"query": [1.0] * 8, "used": [], "unused": []}, 422, "quality"),
   ("/feedback", {"query": [1.0] * 8, "quality": 0.5, "unused": []}, 422, "used"),
   ("/feedback", {"query": [1.0] * 8, "quality": 0.5, "used": ["a"], "unused": []}, 422, "used"),
-  ("/feedback", {"query": [1.0] * 8, "quality": 0.5, "used": [], "unused": [1] * 9}, 422, "unused"),
+  (
+    "/feedback",
+    {"query": [1.0] * 8, "quality": 0.5, "used": [], "unused": [1] * (CFG.max_ids + 1)},
+    422,
+    "unused",
+  ),
   ("/feedback", {"query": [1.0] * 8, "quality": "0.5", "used": [], "unused": []}, 422, "quality"),
   (
     "/feedback",

@@ -108,3 +108,46 @@ def test_signal_and_trajectory_rows_unpack_by_name():
   sig = types.unpack_signals(rows, CFG)
   assert sig.quality.tolist() == [0.25, 0.75] and sig.tier.tolist() == [2, 1]
   assert sig.query.shape == (2, CFG.dim)
+
+
+def test_pack_interaction_equals_pack_of_make_interaction():
+  rng = np.random.default_rng(3)
+  cases = [
+    dict(query=rng.normal(size=6), quality=0.25),
+    dict(
+      query=rng.normal(size=6).astype(np.float32),
+      quality=0.9,
+      anchor=7,
+      used=[1, 2],
+      unused=np.array([4], np.int64),
+      tier=2,
+      latency_ms=12.5,
+      target_latency_ms=40.0,
+      context_tokens=300,
+      feedback=0.75,
+      grad=rng.normal(size=6),
+      time=11,
+    ),
+  ]
+  for kw in cases:
+    want = types.pack(sona.make_interaction(CFG, **kw), CFG)
+    got = types.pack_interaction(CFG, **kw)
+    assert got.dtype == np.float32 and got.tobytes() == np.asarray(want).tobytes()
+    out = np.full(types.packed_width(CFG), 7.0, np.float32)
+    assert types.pack_interaction(CFG, **kw, out=out) is out
+    assert out.tobytes() == got.tobytes()
+  # The live learning rate rides along; NaN (the default) means cfg.micro_lr.
+  p = types.pack_interaction(CFG, query=np.ones(6), quality=0.5, micro_lr=0.125)
+  assert float(types.packed_lr(jnp.asarray(p), CFG)) == 0.125
+  assert float(
+    types.packed_lr(jnp.asarray(types.pack_interaction(CFG, query=np.ones(6), quality=0.5)), CFG)
+  ) == np.float32(CFG.micro_lr)
+
+
+def test_pack_interaction_checks_like_make_interaction():
+  with pytest.raises(ValueError, match="at most max_ids=3"):
+    types.pack_interaction(CFG, query=np.ones(6), quality=0.5, used=[1, 2, 3, 4])
+  with pytest.raises(ValueError, match="query has shape"):
+    types.pack_interaction(CFG, query=np.ones(5), quality=0.5)
+  with pytest.raises(ValueError, match="out must be"):
+    types.pack_interaction(CFG, query=np.ones(6), quality=0.5, out=np.zeros(3, np.float32))
