@@ -107,16 +107,16 @@ CHILD = textwrap.dedent(
   save("single_dp", new)
   info["dp_report"] = [r.ran, r.n_signals, r.patterns_inserted, r.router_loss_after]
   info["dp_spec"] = list(new.bank.centroid.sharding.spec)
-  ph = sharding._dp_phases(CFG, mesh, sharding.AXIS)
+  ph = sharding.cycle_phases(CFG, mesh, sharding.AXIS)
   st = sharding.replicate(state, mesh)
-  _, rows, mask, _ = ph["drain"](st.signals)
+  _, rows, mask, _ = ph.drain(st.signals)
   info["rows_shard_shape"] = list(rows.addressable_shards[0].data.shape)
-  feats = ph["features"](rows, st.bank, st.router_proj)
+  feats = ph.features(rows, st.bank, st.router_proj)
   k = jax.random.split(jax.random.wrap_key_data(st.key), 5)[1]  # as in the cycle: no recompile
   for name, args in [("router", (st.router, st.ewc, feats, rows, mask, k)),
                      ("fisher", (st.ewc, st.router.params, feats, rows, mask, k)),
                      ("patterns", (st.bank, rows, mask, k, jnp.int32(0)))]:
-    hlo = ph[name].lower(*args).compile().as_text()
+    hlo = getattr(ph, name).lower(*args).compile().as_text()
     info[name + "_all_reduce"] = len(re.findall(r"all-reduce(?:-start)?\\(", hlo))
   with open(f"{out}/info.json", "w") as f:
     json.dump(info, f)
