@@ -212,7 +212,7 @@ def _tenant_step(sub: loop_a.LoopAState, base, emb, packed, tids, cfg: SonaConfi
   """
   n = sub.counters.shape[0]
   in_range = (tids >= 0) & (tids < n)
-  occ, _ = loop_a._occurrence(tids, in_range, n)
+  occ, _ = loop_a.occurrence(tids, in_range, n)
   fits = in_range & (occ < rounds)
   row = jnp.where(fits, tids, n)  # n: past the table, dropped
   col = jnp.where(fits, occ, 0)
@@ -220,12 +220,12 @@ def _tenant_step(sub: loop_a.LoopAState, base, emb, packed, tids, cfg: SonaConfi
   dense = jnp.broadcast_to(pad, (rounds, n, pad.shape[0]))
   dense = dense.at[col, row].set(packed, mode="drop")
   count = jnp.zeros((n,), jnp.int32).at[row].add(1, mode="drop")
-  step = jax.vmap(loop_a._step, in_axes=(0, 0, 0, 0, None))
+  step = jax.vmap(loop_a.transition, in_axes=(0, 0, 0, 0, None))
   sub, reports = jax.lax.scan(lambda s, x: step(s, base, emb, x, cfg), sub, dense)
   counters = sub.counters.at[:, REJECTED].add(count - rounds)
   report = reports[col, jnp.clip(row, 0, n - 1)]  # [B, 5]
   bits = jnp.where(in_range, jnp.where(fits, 0, TENANT_OVERFLOW), BAD_TENANT)
-  dropped = jnp.zeros_like(report).at[:, loop_a.R_REASONS].set(loop_a._bits(bits))
+  dropped = jnp.zeros_like(report).at[:, loop_a.R_REASONS].set(loop_a.reason_bits(bits))
   report = jnp.where(fits[:, None], report, dropped)
   return sub._replace(counters=counters), report
 
@@ -235,7 +235,7 @@ def _tenant_step_jitted():
   """The jitted tenant step, with Loop A's per-function XLA:CPU options when this XLA has them
   (the memory-optimised scheduler: measured ~2x the throughput of the default at 1,000 tenants).
   """
-  options = dict(loop_a._COMPILER_OPTIONS)
+  options = dict(loop_a.COMPILER_OPTIONS)
   try:
     jax.jit(lambda v: v + 1, compiler_options=options).lower(jnp.float32(0)).compile()
   except Exception:  # an option this XLA does not know (Loop A logs the same fallback)
@@ -297,12 +297,12 @@ def instant_step_tenants(
         f"instant_step_tenants: max_per_tenant must be a positive int, got {max_per_tenant!r}"
       )
     rounds = max_per_tenant
-  traced = isinstance(tids, jax.core.Tracer) or loop_a._traced(packed, states)
+  traced = isinstance(tids, jax.core.Tracer) or loop_a.in_user_transform(packed, states)
   step = _tenant_step if traced else _tenant_step_jitted()
   sub, report = step(
-    loop_a._split(states), states.base, states.graph.emb, packed, tids, cfg, rounds
+    loop_a.split_state(states), states.base, states.graph.emb, packed, tids, cfg, rounds
   )
-  return loop_a._merge(states, sub), loop_a.InstantReport(report)
+  return loop_a.merge_state(states, sub), loop_a.InstantReport(report)
 
 
 # ------------------------------------------------------------------------------------- Loop B
