@@ -615,19 +615,26 @@ def test_worker_schedule_survives_a_failing_checkpoint_write(tmp_path, caplog):
 def _fail_midway(monkeypatch, loop: str):
   """Makes the next Loop B (or Loop C) fail after some of its phases ran; returns call counts."""
   calls = {"n": 0}
-  if loop == "background":
-    target, name = background_module, "_patterns"  # after consolidation and router training
-  else:
-    target, name = concepts_module, "dream"  # after consolidation and abstraction
-  original = getattr(target, name)
 
-  def flaky(*args, **kwargs):
-    calls["n"] += 1
-    if calls["n"] == 1:
-      raise RuntimeError(f"injected failure in {name}")
-    return original(*args, **kwargs)
+  def flaky_of(original, name):
+    def flaky(*args, **kwargs):
+      calls["n"] += 1
+      if calls["n"] == 1:
+        raise RuntimeError(f"injected failure in {name}")
+      return original(*args, **kwargs)
 
-  monkeypatch.setattr(target, name, flaky)
+    return flaky
+
+  if loop == "background":  # the patterns phase: after consolidation and router training
+    phases = background_module.cycle_phases
+
+    def with_flaky_patterns(*args, **kwargs):
+      ph = phases(*args, **kwargs)
+      return ph._replace(patterns=flaky_of(ph.patterns, "patterns"))
+
+    monkeypatch.setattr(background_module, "cycle_phases", with_flaky_patterns)
+  else:  # after consolidation and abstraction
+    monkeypatch.setattr(concepts_module, "dream", flaky_of(concepts_module.dream, "dream"))
   return calls
 
 
