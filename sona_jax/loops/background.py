@@ -233,9 +233,11 @@ def train_router(
   """Phase 2: `cfg.router_steps` EWC++-regularised optax steps of the router on mini-batches
   drawn from the drained signals: `(router state, loss before, loss after)`.
 
-  The mini-batches are gathered whole before the scan (they are small: `[batch, F]` features) so
-  that `place.batches` can split each one over devices; the gradient of the batch mean then
-  becomes a local sum plus an all-reduce.
+  With a `place.batches` hook the mini-batches are gathered whole before the scan (they are
+  small: `[batch, F]` features) so that the hook can split each one over devices; the gradient of
+  the batch mean then becomes a local sum plus an all-reduce. Without one, each step gathers its
+  own mini-batch: under `vmap` over tenants, gathering them all first would materialise
+  `[tenants, steps, batch, F]` (measured 1.4x slower at 64 tenants).
   """
   sig = types.unpack_signals(sig_rows, cfg)
   tier, success = signal_labels(sig, cfg)
@@ -247,9 +249,14 @@ def train_router(
   n = feats.shape[0]
   p = weight / jnp.maximum(jnp.sum(weight), 1.0)
   idx = jax.random.choice(key, n, (max(cfg.router_steps, 1), cfg.router_batch), p=p)
-  batches = place.batches((feats[idx], tier[idx], success[idx], weight[idx]))
+  gather_first = place.batches is not _same
+  batches = idx
+  if gather_first:
+    batches = place.batches((feats[idx], tier[idx], success[idx], weight[idx]))
 
   def one(rs, b):
+    if not gather_first:
+      b = (feats[b], tier[b], success[b], weight[b])
     # optax's Adam mixes int and float scalars; keep it working under strict promotion.
     with jax.numpy_dtype_promotion("standard"):
       rs, loss = router.router_step(rs, router_apply(cfg), optimizer, *b)
@@ -273,12 +280,19 @@ def fisher_step(
   p = weight / jnp.maximum(jnp.sum(weight), 1.0)
   # Sampled with replacement from the drained signals only (padding has probability 0).
   idx = jax.random.choice(key, n, (cfg.fisher_samples,), p=p)
-  samples = place.rows((feats[idx], tier[idx], success[idx]))
+  if place.rows is _same:  # gather per sample (cheaper under vmap over tenants, see above)
 
-  def one_loss(prm, f, t, s):
-    return router_loss(prm, f[None], t[None], s[None], jnp.ones((1,)), cfg)
+    def one_loss(prm, i):
+      return router_loss(prm, feats[i][None], tier[i][None], success[i][None], jnp.ones((1,)), cfg)
 
-  grads = jax.vmap(jax.grad(one_loss), in_axes=(None, 0, 0, 0))(params, *samples)
+    grads = jax.vmap(jax.grad(one_loss), in_axes=(None, 0))(params, idx)
+  else:  # gathered first, so that the hook can split the samples over devices
+
+    def one_loss(prm, f, t, s):
+      return router_loss(prm, f[None], t[None], s[None], jnp.ones((1,)), cfg)
+
+    samples = place.rows((feats[idx], tier[idx], success[idx]))
+    grads = jax.vmap(jax.grad(one_loss), in_axes=(None, 0, 0, 0))(params, *samples)
   return ewc.ewc_step(ewc_state, grads, params, alpha=cfg.ewc_alpha)
 
 
