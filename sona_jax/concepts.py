@@ -26,7 +26,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import networkx as nx
 import numpy as np
 from sklearn.cluster import ward_tree
 
@@ -753,6 +752,8 @@ def communities(
     group = g[group]
     cn, clo, chi, cw, cloop = _contract(cn, clo, chi, cw, cloop, g)
   info["n_coarse"] = int(cn)
+  import networkx as nx  # here, not at import: `import sona_jax` stays free of it
+
   nxg = nx.Graph()
   nxg.add_nodes_from(range(cn))
   nxg.add_weighted_edges_from(zip(clo.tolist(), chi.tolist(), cw.tolist(), strict=True))

@@ -23,12 +23,14 @@ Invariant: a dead node has no edges in or out, so a recycled slot never inherits
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import networkx as nx
 import numpy as np
+
+if TYPE_CHECKING:  # networkx is imported by `to_networkx` only, when called
+  import networkx as nx
 
 __all__ = [
   "HEBBIAN",
@@ -657,6 +659,8 @@ def to_networkx(graph: Graph, *, include_embeddings: bool = False) -> nx.DiGraph
   strength = np.asarray(graph.strength)
   domain = np.asarray(graph.domain)
   emb = np.asarray(graph.emb) if include_embeddings else None
+  import networkx as nx
+
   g = nx.DiGraph()
   for i in np.flatnonzero(alive):
     attrs = dict(

@@ -212,7 +212,7 @@ def _tenant_step(sub: loop_a.LoopAState, base, emb, packed, tids, cfg: SonaConfi
   """
   n = sub.counters.shape[0]
   in_range = (tids >= 0) & (tids < n)
-  occ, _ = loop_a._occurrence(tids, in_range, n)
+  occ, _ = loop_a.occurrence(tids, in_range, n)
   fits = in_range & (occ < rounds)
   row = jnp.where(fits, tids, n)  # n: past the table, dropped
   col = jnp.where(fits, occ, 0)
@@ -220,12 +220,12 @@ def _tenant_step(sub: loop_a.LoopAState, base, emb, packed, tids, cfg: SonaConfi
   dense = jnp.broadcast_to(pad, (rounds, n, pad.shape[0]))
   dense = dense.at[col, row].set(packed, mode="drop")
   count = jnp.zeros((n,), jnp.int32).at[row].add(1, mode="drop")
-  step = jax.vmap(loop_a._step, in_axes=(0, 0, 0, 0, None))
+  step = jax.vmap(loop_a.transition, in_axes=(0, 0, 0, 0, None))
   sub, reports = jax.lax.scan(lambda s, x: step(s, base, emb, x, cfg), sub, dense)
   counters = sub.counters.at[:, REJECTED].add(count - rounds)
   report = reports[col, jnp.clip(row, 0, n - 1)]  # [B, 5]
   bits = jnp.where(in_range, jnp.where(fits, 0, TENANT_OVERFLOW), BAD_TENANT)
-  dropped = jnp.zeros_like(report).at[:, loop_a.R_REASONS].set(loop_a._bits(bits))
+  dropped = jnp.zeros_like(report).at[:, loop_a.R_REASONS].set(loop_a.reason_bits(bits))
   report = jnp.where(fits[:, None], report, dropped)
   return sub._replace(counters=counters), report
 
@@ -235,7 +235,7 @@ def _tenant_step_jitted():
   """The jitted tenant step, with Loop A's per-function XLA:CPU options when this XLA has them
   (the memory-optimised scheduler: measured ~2x the throughput of the default at 1,000 tenants).
   """
-  options = dict(loop_a._COMPILER_OPTIONS)
+  options = dict(loop_a.COMPILER_OPTIONS)
   try:
     jax.jit(lambda v: v + 1, compiler_options=options).lower(jnp.float32(0)).compile()
   except Exception:  # an option this XLA does not know (Loop A logs the same fallback)
@@ -297,12 +297,12 @@ def instant_step_tenants(
         f"instant_step_tenants: max_per_tenant must be a positive int, got {max_per_tenant!r}"
       )
     rounds = max_per_tenant
-  traced = isinstance(tids, jax.core.Tracer) or loop_a._traced(packed, states)
+  traced = isinstance(tids, jax.core.Tracer) or loop_a.in_user_transform(packed, states)
   step = _tenant_step if traced else _tenant_step_jitted()
   sub, report = step(
-    loop_a._split(states), states.base, states.graph.emb, packed, tids, cfg, rounds
+    loop_a.split_state(states), states.base, states.graph.emb, packed, tids, cfg, rounds
   )
-  return loop_a._merge(states, sub), loop_a.InstantReport(report)
+  return loop_a.merge_state(states, sub), loop_a.InstantReport(report)
 
 
 # ------------------------------------------------------------------------------------- Loop B
@@ -355,82 +355,15 @@ class TenantsBackgroundReport(NamedTuple):
     )
 
 
-def _host(x) -> np.ndarray:
-  """A device array on the host, also when its shards live in several processes."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
-
-
-class _Phases(NamedTuple):
-  waiting: object
-  keys: object
-  drain: object
-  mean_quality: object
-  consolidate: object
-  features: object
-  router: object
-  fisher: object
-  patterns: object
-  metrics: object
-  select: object
-
-
 @functools.cache
-def _phases(cfg: SonaConfig) -> _Phases:
-  """Loop B's phases vmapped over the tenant axis, each jitted on its own (timed per phase)."""
-
-  def keys(key_data):
-    key = jax.random.wrap_key_data(key_data)
-    key, *ks = jax.random.split(key, 5)
-    return jax.random.key_data(key), *ks
-
-  def mean_quality(rows, mask):
-    sig = types.unpack_signals(rows, cfg)
-    n = jnp.sum(mask.astype(jnp.int32))
-    q = jnp.sum(jnp.where(mask, sig.quality, 0.0)) / jnp.maximum(n, 1).astype(jnp.float32)
-    return q, n
-
+def _waiting_and_select():
   def select(run, new, old):
     def pick(a, b):
       return jnp.where(run.reshape(run.shape + (1,) * (a.ndim - 1)), a, b)
 
     return jax.tree.map(pick, new, old)
 
-  v, j = jax.vmap, jax.jit
-  return _Phases(
-    waiting=j(v(buffer.unread)),
-    keys=j(v(keys)),
-    drain=j(v(lambda s: loop_b._drain(s, cfg))),
-    mean_quality=j(v(mean_quality)),
-    consolidate=j(v(lambda b, m, q: loop_b._consolidate(b, m, q, cfg))),
-    features=j(
-      v(
-        lambda rows, bank, proj: loop_b.signal_features(
-          types.unpack_signals(rows, cfg), bank, proj, cfg
-        )
-      )
-    ),
-    router=j(v(lambda r, e, f, rows, mask, k: loop_b._train_router(r, e, f, rows, mask, cfg, k))),
-    fisher=j(v(lambda e, p, f, rows, mask, k: loop_b._fisher(e, p, f, rows, mask, cfg, k))),
-    patterns=j(
-      v(
-        lambda b, rows, mask, k, now: loop_b._patterns(b, rows, mask, cfg, k, now),
-        in_axes=(0, 0, 0, 0, None),
-      )
-    ),
-    metrics=j(
-      v(
-        lambda m, p, f, rows, mask, k, now, ins: loop_b._metrics(
-          m, p, f, rows, mask, cfg, k, now, ins
-        ),
-        in_axes=(0, 0, 0, 0, 0, 0, None, 0),
-      )
-    ),
-    select=j(select),
-  )
+  return jax.jit(jax.vmap(buffer.unread)), jax.jit(select)
 
 
 def background_step_tenants(states: SonaState, cfg: SonaConfig, now, *, force: bool = False):
@@ -453,10 +386,10 @@ def background_step_tenants(states: SonaState, cfg: SonaConfig, now, *, force: b
     `(states, TenantsBackgroundReport)`.
   """
   n = check_stacked(states, cfg, "background_step_tenants")
-  ph = _phases(cfg)
+  waiting_fn, select = _waiting_and_select()
   need = 1 if force else cfg.min_samples
-  waiting_dev = ph.waiting(states.signals)
-  waiting = _host(waiting_dev)
+  waiting_dev = waiting_fn(states.signals)
+  waiting = loop_b.to_host(waiting_dev)
   run = waiting >= need
   nan = np.full((n,), np.nan, np.float32)
   zero = np.zeros((n,), np.int32)
@@ -467,62 +400,32 @@ def background_step_tenants(states: SonaState, cfg: SonaConfig, now, *, force: b
     )
     return states, report
 
-  seconds: dict[str, float] = {}
-  t_start = t = time.perf_counter()
-
-  def lap(name, out):
-    nonlocal t
-    out = jax.block_until_ready(out)
-    now_t = time.perf_counter()
-    seconds[name] = now_t - t
-    t = now_t
-    return out
-
-  now_i = jnp.int32(now)
-  key, k_router, k_fisher, k_patterns, k_probe = ph.keys(states.key)
-  signals, rows, mask, missed = lap("drain", ph.drain(states.signals))
-  mean_q, n_sig = ph.mean_quality(rows, mask)
-  base, micro, rate = lap("consolidate", ph.consolidate(states.base, states.micro, mean_q))
-  feats = ph.features(rows, states.bank, states.router_proj)
-  rstate, loss_before, loss_after = lap(
-    "router", ph.router(states.router, states.ewc, feats, rows, mask, k_router)
-  )
-  ewc_state = lap("fisher", ph.fisher(states.ewc, rstate.params, feats, rows, mask, k_fisher))
-  bank, rep = lap("patterns", ph.patterns(states.bank, rows, mask, k_patterns, now_i))
-  mstate, retention, n_probes = lap(
-    "metrics",
-    ph.metrics(states.metrics, rstate.params, feats, rows, mask, k_probe, now_i, rep.n_inserted),
-  )
-  new_states = states._replace(
-    signals=signals,
-    base=base,
-    micro=micro,
-    router=rstate,
-    ewc=ewc_state,
-    bank=bank,
-    metrics=mstate,
-    key=key,
-  )
-  new_states = lap("select", ph.select(waiting_dev >= need, new_states, states))
-  seconds["total"] = time.perf_counter() - t_start
+  # The one Loop B sequencer over every tenant, its phases vmapped; `now` is each tenant's.
+  phases = loop_b.cycle_phases(cfg, vmapped=True)
+  new_states, res, seconds = loop_b.run_cycle(states, phases, np.full((n,), now, np.int32))
+  t = time.perf_counter()
+  new_states = jax.block_until_ready(select(waiting_dev >= need, new_states, states))
+  seconds["select"] = time.perf_counter() - t
+  seconds["total"] += seconds["select"]
 
   def per(x, fill):
-    return np.where(run, _host(x), fill)
+    return np.where(run, loop_b.to_host(x), fill)
 
+  rep = res.merge
   report = TenantsBackgroundReport(
     ran=run,
     reason=why if not run.all() else "",
-    n_signals=np.where(run, _host(n_sig), waiting).astype(np.int32),
-    missed=per(missed, 0).astype(np.int32),
-    mean_quality=per(mean_q, np.nan).astype(np.float32),
-    consolidation_rate=per(rate, np.nan).astype(np.float32),
-    router_loss_before=per(loss_before, np.nan).astype(np.float32),
-    router_loss_after=per(loss_after, np.nan).astype(np.float32),
+    n_signals=np.where(run, loop_b.to_host(res.n_signals), waiting).astype(np.int32),
+    missed=per(res.missed, 0).astype(np.int32),
+    mean_quality=per(res.mean_quality, np.nan).astype(np.float32),
+    consolidation_rate=per(res.consolidation_rate, np.nan).astype(np.float32),
+    router_loss_before=per(res.router_loss_before, np.nan).astype(np.float32),
+    router_loss_after=per(res.router_loss_after, np.nan).astype(np.float32),
     patterns_merged=per(rep.n_merged, 0).astype(np.int32),
     patterns_inserted=per(rep.n_inserted, 0).astype(np.int32),
     patterns_evicted=per(rep.n_evicted, 0).astype(np.int32),
-    retention=per(retention, np.nan).astype(np.float32),
-    n_probes=per(n_probes, 0).astype(np.int32),
+    retention=per(res.retention, np.nan).astype(np.float32),
+    n_probes=per(res.n_probes, 0).astype(np.int32),
     seconds=seconds,
   )
   return new_states, report

@@ -109,3 +109,36 @@ def orbax_failures_finish(monkeypatch):
       loop.close()
 
   monkeypatch.setattr(orbax_asyncio, "_run_sync_via_new_loop", run_to_completion)
+
+
+class CompileLog:
+  """The functions XLA compiled while it listened (`jax.monitoring`, a public API): a context
+  manager; `names` lists them in order."""
+
+  EVENT = "/jax/core/compile/backend_compile_duration"
+
+  def __init__(self):
+    self.names: list[str] = []
+
+  def _listen(self, event: str, duration: float, **kwargs) -> None:
+    if event == self.EVENT:
+      self.names.append(str(kwargs.get("fun_name", "?")))
+
+  def of(self, *functions) -> list[str]:
+    """The compiles of these jitted functions (by name: `jit(name)`)."""
+    wanted = {f"jit({f.__name__})" for f in functions}
+    return [name for name in self.names if name in wanted]
+
+  def __enter__(self) -> "CompileLog":
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+@pytest.fixture
+def compiles():
+  """`with compiles() as log: ...` records what XLA compiled inside the block (`log.names`): a
+  public compile counter for no-retrace checks, in place of jitted functions' `_cache_size()`."""
+  return CompileLog

@@ -11,7 +11,7 @@
   exception inside a Loop B or Loop C on a worker thread, mid-cycle.
 
 Retraces are counted with `jax.monitoring` (every XLA backend compilation, per phase, see
-`soak.CompileCounter`), and for Loop A also with the jitted functions' `_cache_size()`.
+`soak.CompileCounter`, and the conftest's `compiles` log).
 
 All tests share one small config (`CFG`), so Loop A, B and C compile once for the whole file.
 """
@@ -77,6 +77,7 @@ N = CFG.graph_capacity
 K = CFG.max_ids
 DEAD = (5, 17)  # removed memories; ids 40..63 were never used
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+FIXTURE_CHECK = HealthCheck.function_scoped_fixture
 
 
 def _copy(tree):
@@ -299,23 +300,29 @@ _CORRUPTED = st.sampled_from(_FIELDS).flatmap(
 )
 
 
-@settings(max_examples=80, **SETTINGS)
+# `compiles` is a function-scoped fixture, but stateless (a class): safe across examples.
+@settings(
+  max_examples=80,
+  **{
+    **SETTINGS,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+  },
+)
 @given(_CORRUPTED, st.booleans())
-def test_wrong_shapes_and_dtypes_raise_before_jit_and_consume_nothing(corrupted, batched):
+def test_wrong_shapes_and_dtypes_raise_before_jit_and_consume_nothing(compiles, corrupted, batched):
   field, bad = corrupted
   state = _base_state()
   good = sona.make_interaction(CFG, query=np.ones(CFG.dim), quality=0.9, used=[1], anchor=0)
-  step_jit, scan_jit = instant._jitted()
-  sizes = step_jit._cache_size(), scan_jit._cache_size()
-  with pytest.raises((ValueError, TypeError)):
+  if batched:
+    batch = sona.stack_interactions([good, good])
+    value = np.stack([np.asarray(bad)] * 2) if np.ndim(bad) else np.asarray([bad] * 2)
+  with compiles() as log, pytest.raises((ValueError, TypeError)):
     if batched:
-      batch = sona.stack_interactions([good, good])
-      value = np.stack([np.asarray(bad)] * 2) if np.ndim(bad) else np.asarray([bad] * 2)
       sona.instant_scan(state, batch._replace(**{field: value}), CFG)
     else:
       sona.instant_step(state, good._replace(**{field: bad}), CFG)
   # Refused before jit: nothing compiled, nothing donated, the state still serves.
-  assert (step_jit._cache_size(), scan_jit._cache_size()) == sizes
+  assert log.names == []
   assert not state.micro.a.is_deleted() and not state.signals.data.is_deleted()
   state, rep = sona.instant_step(state, good, CFG)
   assert bool(rep.accepted)
@@ -608,19 +615,26 @@ def test_worker_schedule_survives_a_failing_checkpoint_write(tmp_path, caplog):
 def _fail_midway(monkeypatch, loop: str):
   """Makes the next Loop B (or Loop C) fail after some of its phases ran; returns call counts."""
   calls = {"n": 0}
-  if loop == "background":
-    target, name = background_module, "_patterns"  # after consolidation and router training
-  else:
-    target, name = concepts_module, "dream"  # after consolidation and abstraction
-  original = getattr(target, name)
 
-  def flaky(*args, **kwargs):
-    calls["n"] += 1
-    if calls["n"] == 1:
-      raise RuntimeError(f"injected failure in {name}")
-    return original(*args, **kwargs)
+  def flaky_of(original, name):
+    def flaky(*args, **kwargs):
+      calls["n"] += 1
+      if calls["n"] == 1:
+        raise RuntimeError(f"injected failure in {name}")
+      return original(*args, **kwargs)
 
-  monkeypatch.setattr(target, name, flaky)
+    return flaky
+
+  if loop == "background":  # the patterns phase: after consolidation and router training
+    phases = background_module.cycle_phases
+
+    def with_flaky_patterns(*args, **kwargs):
+      ph = phases(*args, **kwargs)
+      return ph._replace(patterns=flaky_of(ph.patterns, "patterns"))
+
+    monkeypatch.setattr(background_module, "cycle_phases", with_flaky_patterns)
+  else:  # after consolidation and abstraction
+    monkeypatch.setattr(concepts_module, "dream", flaky_of(concepts_module.dream, "dream"))
   return calls
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -107,16 +108,16 @@ CHILD = textwrap.dedent(
   save("single_dp", new)
   info["dp_report"] = [r.ran, r.n_signals, r.patterns_inserted, r.router_loss_after]
   info["dp_spec"] = list(new.bank.centroid.sharding.spec)
-  ph = sharding._dp_phases(CFG, mesh, sharding.AXIS)
+  ph = sharding.cycle_phases(CFG, mesh, sharding.AXIS)
   st = sharding.replicate(state, mesh)
-  _, rows, mask, _ = ph["drain"](st.signals)
+  _, rows, mask, _ = ph.drain(st.signals)
   info["rows_shard_shape"] = list(rows.addressable_shards[0].data.shape)
-  feats = ph["features"](rows, st.bank, st.router_proj)
+  feats = ph.features(rows, st.bank, st.router_proj)
   k = jax.random.split(jax.random.wrap_key_data(st.key), 5)[1]  # as in the cycle: no recompile
   for name, args in [("router", (st.router, st.ewc, feats, rows, mask, k)),
                      ("fisher", (st.ewc, st.router.params, feats, rows, mask, k)),
                      ("patterns", (st.bank, rows, mask, k, jnp.int32(0)))]:
-    hlo = ph[name].lower(*args).compile().as_text()
+    hlo = getattr(ph, name).lower(*args).compile().as_text()
     info[name + "_all_reduce"] = len(re.findall(r"all-reduce(?:-start)?\\(", hlo))
   with open(f"{out}/info.json", "w") as f:
     json.dump(info, f)
@@ -204,6 +205,11 @@ def _assert_bits_equal(a, b):
     assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
 
 
+def _floats(tree, floats=True):
+  """The float leaves of `tree` (`floats=False`: the others), the rest `None` (no leaf)."""
+  return jax.tree.map(lambda x: x if (np.asarray(x).dtype.kind == "f") == floats else None, tree)
+
+
 def _unsharded_tenants():
   states = tenants.init_tenants(CFG, jax.random.key(0), N_TENANTS)
   for b, tids in enumerate(tenant_ids(5)):
@@ -241,9 +247,7 @@ def test_sharded_tenants_loop_a_and_loop_b_equal_one_device_and_stay_sharded(chi
   # Loop A: bit-identical on 8 devices and on 1.
   _assert_bits_equal(_load(out / "tenants_a.npz", a), a)
   # Loop B: per-tenant programs with no communication; equal up to float rounding.
-  got = _load(out / "tenants_b.npz", b)
-  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(_load(out / "tenants_b.npz", b), b, rtol=1e-5, atol=1e-6)
 
 
 def test_data_parallel_loop_b_on_8_devices_equals_single_device(child):
@@ -260,13 +264,9 @@ def test_data_parallel_loop_b_on_8_devices_equals_single_device(child):
   assert info["rows_shard_shape"] == [CFG.signal_capacity // 8, sona.types.signal_width(CFG)]
   assert min(info["router_all_reduce"], info["fisher_all_reduce"], info["patterns_all_reduce"]) > 0
   assert info["dp_spec"] == []  # the learner comes back replicated
-  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    x, y = np.asarray(x), np.asarray(y)
-    if x.dtype.kind == "f":
-      # Measured: 3e-8 on parameters, 6e-8 on centroids, 1e-6 on metric sums of order 10.
-      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-    else:
-      np.testing.assert_array_equal(x, y)
+  # Measured: 3e-8 on parameters, 6e-8 on centroids, 1e-6 on metric sums of order 10.
+  chex.assert_trees_all_close(_floats(got), _floats(want), rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_equal(_floats(got, False), _floats(want, False))  # integers: exactly
 
 
 def test_sharded_checkpoint_from_8_devices_restores_onto_4_and_1_device(child):

@@ -3,6 +3,7 @@
 import threading
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,8 +82,7 @@ def test_observations_during_a_threaded_cycle_equal_the_sequential_reference():
       ref = ref._replace(graph=g)
   assert ref_report.n_signals == report.n_signals
   got = engine.state
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(got, ref, rtol=1e-6, atol=1e-7)
   # Every observation is accounted for: 40 consumed by Loop B, 60 waiting for the next cycle.
   assert int(got.step) == 100 and int(got.metrics.rejected) == 0
   assert int(buffer.unread(got.signals)) == 60

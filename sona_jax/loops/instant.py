@@ -887,3 +887,15 @@ def scan_packed(state: SonaState, packed, cfg: SonaConfig, *, n_valid=None):
   scan = _scan if _traced(packed, state) else _jitted()[1]
   sub, report = scan(_split(state), state.base, state.graph.emb, packed, n, cfg)
   return _merge(state, sub), InstantReport(report)
+
+
+# Public names for the front ends that compose Loop A's transition (`sona_jax.tenants` vmaps it
+# over stacked tenants), so that no other module reaches into this one's private names; the
+# definitions above stay where they are.
+transition = _step  # the pure per-request transition on the Loop A sub-state (`LoopAState`)
+occurrence = _occurrence  # per item: earlier valid items with the same key, and later ones
+reason_bits = _bits  # int32 reason bits as the float32 report column that carries them
+in_user_transform = _traced  # inside a user's jit/vmap: inline the step, do not jit it
+split_state = _split  # the Loop A part of a `SonaState` (the part Loop A donates)
+merge_state = _merge  # a `SonaState` with its Loop A part replaced
+COMPILER_OPTIONS = _COMPILER_OPTIONS  # Loop A's per-function XLA:CPU options (see `_jitted`)
