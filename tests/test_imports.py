@@ -140,7 +140,8 @@ def test_import_sona_jax_does_not_import_networkx():
 def _third_party_imports(dirs) -> dict[str, set[str]]:
   """Top-level modules imported by the sources under `dirs`, not stdlib, not local files."""
   files = [p for d in dirs for p in (ROOT / d).rglob("*.py") if "node_modules" not in p.parts]
-  local = {PACKAGE} | {p.stem for p in files}
+  # Local modules and packages (e.g. benchmarks/learning/, imported as `learning`).
+  local = {PACKAGE} | {p.stem for p in files} | {p.parent.name for p in files}
   found: dict[str, set[str]] = {}
   for path in files:
     for node in ast.walk(ast.parse(path.read_text())):
