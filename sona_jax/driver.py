@@ -1284,7 +1284,7 @@ class Sona:
 
     Transitions made meanwhile are replayed on the restructured state; an observation naming a
     memory that compression merged away is then rejected by Loop A's validation and counted
-    (`BAD_STALE`), never applied to a recycled slot. Merges are delivered as `MemoryEvent`s.
+    (`BAD_STALE`), never applied to a recycled slot. Merges are delivered as `MemoryEvent` records.
 
     Returns:
       A `concurrent.futures.Future` of the `DeepReport`.
