@@ -58,7 +58,19 @@ class Due(NamedTuple):
 
 
 def last_deep_slot(now: float, cfg: SonaConfig) -> float:
-  """The most recent weekly Loop C time (`cfg.deep_weekday`, `cfg.deep_hour_utc`, UTC) <= now."""
+  """The most recent weekly Loop C time (`cfg.deep_weekday`, `cfg.deep_hour_utc`, UTC) <= now.
+
+  Examples:
+    >>> from datetime import datetime, timezone
+    >>> import sona_jax as sona
+    >>> cfg = sona.SonaConfig(dim=8, deep_weekday=6, deep_hour_utc=3)  # Sundays, 03:00 UTC
+    >>> now = datetime(2026, 12, 3, 8, 0, tzinfo=timezone.utc).timestamp()  # a Thursday
+    >>> slot = last_deep_slot(now, cfg)
+    >>> datetime.fromtimestamp(slot, timezone.utc).isoformat()
+    '2026-11-29T03:00:00+00:00'
+    >>> last_deep_slot(slot, cfg) == slot  # a slot is its own latest slot
+    True
+  """
   # 1970-01-01 was a Thursday (weekday 3); Unix time has no leap seconds, so weeks are exact.
   offset = ((cfg.deep_weekday - 3) % 7) * 86_400 + cfg.deep_hour_utc * 3_600
   return now - ((now - offset) % _WEEK)
@@ -76,6 +88,18 @@ def due(now: float, last_background: float, last_deep: float, cfg: SonaConfig) -
     last_background: Unix seconds of the last Loop B that ran (or the start).
     last_deep: Unix seconds of the last Loop C that ran (or the start).
     cfg: the config.
+
+  Examples:
+    >>> from datetime import datetime, timezone
+    >>> import sona_jax as sona
+    >>> cfg = sona.SonaConfig(dim=8, background_interval_s=3600, deep_weekday=6, deep_hour_utc=3)
+    >>> start = datetime(2026, 12, 3, 8, 0, tzinfo=timezone.utc).timestamp()  # Thursday 08:00
+    >>> due(start + 1800, start, start, cfg)
+    Due(background=False, deep=False)
+    >>> due(start + 3600, start, start, cfg)  # an hour after the last Loop B
+    Due(background=True, deep=False)
+    >>> due(start + 4 * 86_400, start, start, cfg)  # Monday 08:00: Sunday 03:00 has passed
+    Due(background=True, deep=True)
   """
   return Due(
     background=now - last_background >= cfg.background_interval_s,
@@ -99,6 +123,20 @@ def adapt(state: SonaState, x, cfg: SonaConfig) -> jax.Array:
     state: the learner's state.
     x: f32[..., dim] embeddings.
     cfg: the config.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, sona_jax as sona
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8)
+    >>> state = sona.init_state(cfg, jax.random.key(0))
+    >>> x = jnp.linspace(-1.0, 1.0, 8)
+    >>> bool(jnp.array_equal(adapt(state, x, cfg), x))  # B = 0 in both adapters: the identity
+    True
+    >>> micro = state.micro._replace(b=jnp.ones_like(state.micro.b))
+    >>> y = adapt(state._replace(micro=micro), x, cfg)
+    >>> bool(jnp.allclose(y, x + cfg.micro_scale * (x @ micro.a) @ micro.b, atol=1e-6))
+    True
+    >>> adapt(state, jnp.ones((3, 8)), cfg).shape  # any leading axes
+    (3, 8)
   """
   x = jnp.asarray(x, jnp.float32)
   if x.shape[-1:] != (cfg.dim,):
@@ -225,6 +263,19 @@ def route(
 
   Returns:
     `Routing(tier, probs, propensity)`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, sona_jax as sona
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8)
+    >>> state, q, key = sona.init_state(cfg, jax.random.key(0)), [1.0] * 8, jax.random.key(1)
+    >>> r = route(state, q, cfg, key, explore=False)  # greedy: no sampling, no epsilon
+    >>> r.probs.shape, float(r.propensity)
+    ((3,), 1.0)
+    >>> int(route(state, q, cfg, key, threshold=0.0, explore=False).tier)  # all clear it: cheapest
+    0
+    >>> r = route(state, q, cfg, key, threshold=1.0, explore=False)  # none does: the most likely
+    >>> int(r.tier) == int(jnp.argmax(r.probs))
+    True
   """
   x = jnp.asarray(query, jnp.float32)
   if x.shape != (cfg.dim,):
@@ -242,6 +293,22 @@ def tier_success(state: SonaState, query, cfg: SonaConfig, *, context_tokens=0, 
 
   `route`'s `probs` without a decision: the nearest patterns' per-tier records shrunk toward the
   router head's prediction (`patterns.tier_estimates`).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, sona_jax as sona
+    >>> from sona_jax import patterns
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8)
+    >>> state, q = sona.init_state(cfg, jax.random.key(0)), jnp.ones(8)
+    >>> p = tier_success(state, q, cfg)  # an empty bank: the router head's prediction
+    >>> bool(jnp.allclose(p, route(state, q, cfg, jax.random.key(1)).probs))
+    True
+    >>> record = jnp.array([[20.0, 0.0, 0.0]])  # a pattern at q: tier 0 succeeded 20 times of 20
+    >>> bank, _ = patterns.merge_patterns(state.bank, q[None], jnp.array([20.0]), jnp.array([1.0]),
+    ...                                   record, record, jnp.array([True]), now=0)
+    >>> after = tier_success(state._replace(bank=bank), q, cfg)
+    >>> m = cfg.router_prior_strength  # (20 + m prior) / (20 + m) >= 20 / (20 + m)
+    >>> bool(after[0] >= 20 / (20 + m) - 1e-6), bool(after[0] > p[0])
+    (True, True)
   """
   x = jnp.asarray(query, jnp.float32)
   if x.shape != (cfg.dim,):
