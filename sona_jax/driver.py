@@ -507,6 +507,13 @@ class Knobs:
 
   @classmethod
   def from_config(cls, cfg: SonaConfig) -> Knobs:
+    """The knobs' values in `cfg`: what a new driver starts with.
+
+    Examples:
+      >>> import sona_jax as sona
+      >>> sona.Knobs.from_config(sona.SonaConfig(dim=8, micro_lr=0.25, router_cost_weight=1))
+      Knobs(micro_lr=0.25, router_threshold=0.93, router_epsilon=0.05, router_cost_weight=1.0)
+    """
     return cls(
       float(cfg.micro_lr),
       float(cfg.router_threshold),
@@ -515,6 +522,17 @@ class Knobs:
     )
 
   def validate(self) -> Knobs:
+    """Returns the knobs when every one is in range, else raises `ValueError` naming it.
+
+    Examples:
+      >>> import sona_jax as sona
+      >>> sona.Knobs(micro_lr=0.1, router_threshold=0.9, router_epsilon=0.05).validate().micro_lr
+      0.1
+      >>> sona.Knobs(micro_lr=0.1, router_threshold=1.5, router_epsilon=0.05).validate()
+      Traceback (most recent call last):
+      ...
+      ValueError: Knobs.router_threshold=1.5; expected a number in [0.0, 1.0]
+    """
     w = self.router_cost_weight
     if w is not None and not (_is_number(w) and 0 <= w < math.inf):
       raise ValueError(f"Knobs.router_cost_weight={w!r}; expected None or a finite number >= 0")
@@ -681,12 +699,36 @@ class Sona:
       self._state = value
 
   def snapshot(self) -> SonaState:
-    """A copy of the current state that no later transition touches (safe to keep and read)."""
+    """A copy of the current state that no later transition touches (safe to keep and read).
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> before = engine.snapshot()
+      >>> m = engine.add_memory([1.0, 0.0, 0.0, 0.0])
+      >>> int(before.graph.alive.sum()), int(engine.snapshot().graph.alive.sum())  # the copy stays
+      (0, 1)
+    """
     with self._rw.read():
       return jax.block_until_ready(jax.tree.map(jnp.copy, self._state))
 
   def now(self) -> int:
-    """Seconds since the time origin, as stored in interactions and the state."""
+    """Seconds since the time origin, as stored in interactions and the state.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> t = [1_000_000.0]  # a clock the example moves by hand
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0), clock=lambda: t[0])
+      >>> engine.now()
+      0
+      >>> t[0] += 90.5
+      >>> engine.now()
+      90
+    """
     return int(self.clock() - self.time_origin)
 
   # ---------------------------------------------------------------------------------- knobs
@@ -703,6 +745,20 @@ class Sona:
 
     Raises:
       ValueError: an unknown knob or a value outside its range (nothing is changed).
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> engine.set_knobs(router_threshold=0.8).router_threshold
+      0.8
+      >>> engine.set_knobs(router_epsilon=2.0)
+      Traceback (most recent call last):
+      ...
+      ValueError: Knobs.router_epsilon=2.0; expected a number in [0.0, 1.0]
+      >>> engine.knobs.router_epsilon == cfg.router_epsilon  # nothing changed
+      True
     """
     unknown = set(changes) - {f.name for f in dataclasses.fields(Knobs)}
     if unknown:
@@ -775,6 +831,16 @@ class Sona:
     At capacity the new memory takes the slot of the lowest-value established memory; memories
     younger than `cfg.admission_window_s` are kept while older ones exist (see
     `graph.add_node`). The evicted memory's id becomes stale and a `MemoryEvent` reports it.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> a = engine.add_memory([1.0, 0.0, 0.0, 0.0], quality=0.8)
+      >>> b, evicted = engine.add_memory([0.0, 1.0, 0.0, 0.0], return_evicted=True)
+      >>> a, b, evicted  # free slots: nothing evicted
+      (0, 1, -1)
     """
     e = np.asarray(embedding, np.float32)
     if e.shape != (self.cfg.dim,):
@@ -789,7 +855,19 @@ class Sona:
   ):
     """Adds a batch of memories in one call; returns their ids as a NumPy array (and the ids
     each evicted, -1 for none, with `return_evicted=True`). A batch of k <= capacity memories
-    gets k distinct slots."""
+    gets k distinct slots.
+
+    Examples:
+      >>> import jax, numpy as np, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> engine.add_memories(np.eye(4), quality=0.5).tolist()
+      [0, 1, 2, 3]
+      >>> ids, evicted = engine.add_memories(2 * np.eye(4)[:2], return_evicted=True)
+      >>> ids.tolist(), evicted.tolist()
+      ([4, 5], [-1, -1])
+    """
     e = np.asarray(embeddings, np.float32)
     if e.ndim != 2 or e.shape[1] != self.cfg.dim:
       raise ValueError(f"add_memories: embeddings {e.shape}; expected [n, {self.cfg.dim}]")
@@ -818,7 +896,21 @@ class Sona:
 
   def memory_events(self) -> list[MemoryEvent]:
     """Takes the queued `MemoryEvent`s (evictions and merges, oldest first). The queue keeps the
-    newest 65,536; `stats()["memory_events"]["dropped"]` counts older ones lost unread."""
+    newest 65,536; `stats()["memory_events"]["dropped"]` counts older ones lost unread.
+
+    Examples:
+      >>> import jax, numpy as np, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> ids = engine.add_memories(np.eye(4).repeat(2, axis=0), time=0)  # 8 memories: full
+      >>> later = 2 * 86_400  # past the admission window: an established memory is evicted
+      >>> new, evicted = engine.add_memory([1.0, 1.0, 0.0, 0.0], time=later, return_evicted=True)
+      >>> [(e.kind, e.id) for e in engine.memory_events()] == [("evicted", evicted)]
+      True
+      >>> engine.memory_events()  # taken: the queue is empty now
+      []
+    """
     out = []
     while True:
       try:
@@ -838,11 +930,35 @@ class Sona:
     """Loop A on one interaction (one fused jitted transition; coalesced with concurrent calls).
 
     An interaction made without a time is stamped with the driver's clock on arrival.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> m = engine.add_memory([1.0, 0.0, 0.0, 0.0], quality=0.8)
+      >>> it = sona.make_interaction(cfg, query=[0.5, 0.5, 0.0, 0.0], quality=0.1, used=[m])
+      >>> report = engine.observe(it)
+      >>> bool(report.accepted), int(engine.snapshot().step)
+      (True, 1)
+      >>> bad = sona.make_interaction(cfg, query=[0.5, 0.5, 0.0, 0.0], quality=0.1, used=[5])
+      >>> engine.observe(bad).reason_names()  # no live memory has id 5: rejected, counted
+      ['BAD_STALE']
     """
     return self._submit(_Ticket(self._packed(interaction, False), None))
 
   def observe_many(self, interactions: types.Interaction | Sequence[types.Interaction]):
-    """Loop A on a batch (a stacked `Interaction` or a list), sequential semantics."""
+    """Loop A on a batch (a stacked `Interaction` or a list), sequential semantics.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> its = [sona.make_interaction(cfg, query=[1.0, i, 0.0, 0.0], quality=0.9) for i in (0, 1)]
+      >>> engine.observe_many(its).accepted.tolist(), int(engine.snapshot().step)
+      ([True, True], 2)
+    """
     if not isinstance(interactions, types.Interaction):
       interactions = types.stack_interactions(list(interactions))
     packed = self._packed(interactions, True)
@@ -928,7 +1044,17 @@ class Sona:
   def warmup(self, max_size: int = 64) -> None:
     """Compiles Loop A's single step and the padded batch sizes up to `max_size` (those that
     concurrent single `observe` calls coalesce into), now, so no request pays for a compilation
-    later. Changes nothing in the state."""
+    later. Changes nothing in the state.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> engine.warmup(max_size=2)  # the single step and batches of 2
+      >>> int(engine.snapshot().step)  # compiled only: the state is unchanged
+      0
+    """
     width = types.packed_width(self.cfg)
     with self._rw.write():
       for size in (b for b in _BUCKETS if b <= min(max_size, self.max_batch)):
@@ -942,7 +1068,16 @@ class Sona:
   # -------------------------------------------------------------------------------- readers
 
   def adapt(self, x) -> jax.Array:
-    """The adapted embedding `x + delta_base(x) + delta_micro(x)`."""
+    """The adapted embedding `x + delta_base(x) + delta_micro(x)`.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> engine.adapt([1.0, 2.0, 3.0, 4.0]).tolist()  # a fresh learner: the identity
+      [1.0, 2.0, 3.0, 4.0]
+    """
     with self._rw.read():
       return jax.block_until_ready(adapt(self._state, x, self.cfg))
 
@@ -978,6 +1113,20 @@ class Sona:
 
     Returns:
       The tier (int), or the dict with `return_info`.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> engine.route([1.0, 0.0, 0.0, 0.0]) in range(cfg.n_tiers)
+      True
+      >>> info = engine.route([1.0, 0.0, 0.0, 0.0], return_info=True)
+      >>> sorted(info), 0.0 < info["propensity"] <= 1.0
+      (['cost_weight', 'probs', 'propensity', 'tier'], True)
+      >>> _ = engine.set_knobs(router_epsilon=0.0)
+      >>> {engine.route([1.0, 0.0, 0.0, 0.0], cost_weight=100.0) for _ in range(5)}  # cost rules
+      {0}
     """
     if cost_weight is not None and budget is not None:
       raise ValueError("Sona.route: give cost_weight or budget, not both")
@@ -1032,7 +1181,17 @@ class Sona:
 
   def tier_success(self, query, *, context_tokens: int = 0) -> np.ndarray:
     """The estimated success probability of every tier for `query`: f32[n_tiers] (`route`'s
-    estimates: the nearest patterns' records shrunk toward the router head's prediction)."""
+    estimates: the nearest patterns' records shrunk toward the router head's prediction).
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> p = engine.tier_success([1.0, 0.0, 0.0, 0.0])
+      >>> p.shape, bool(((p > 0) & (p < 1)).all())
+      ((3,), True)
+    """
     with self._rw.read():
       return np.asarray(tier_success(self._state, query, self.cfg, context_tokens=context_tokens))
 
@@ -1042,6 +1201,20 @@ class Sona:
     Returns:
       A list of dicts (`id`, `score`, `centroid`, `size`, `avg_quality`, per-tier success rates),
       best first; shorter than `k` when the bank holds fewer patterns.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> engine.find_patterns([1.0, 0.0, 0.0, 0.0])  # an empty bank
+      []
+      >>> for _ in range(3):
+      ...   _ = engine.observe(sona.make_interaction(cfg, query=[1.0, 0.5, 0.0, 0.0], quality=0.9))
+      >>> _ = engine.run_background()  # Loop B extracts the pattern of these queries
+      >>> found = engine.find_patterns([1.0, 0.5, 0.0, 0.0], k=2)
+      >>> len(found), round(found[0]["score"], 4), found[0]["size"]
+      (1, 1.0, 3.0)
     """
     x = jnp.asarray(query, jnp.float32)
     if x.shape != (self.cfg.dim,):
@@ -1076,13 +1249,37 @@ class Sona:
     return out
 
   def metrics(self, now: float | None = None) -> metrics_lib.ImprovementMetrics:
-    """The seed's `ImprovementMetrics` at Unix time `now` (the clock when None)."""
+    """The seed's `ImprovementMetrics` at Unix time `now` (the clock when None).
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> m = engine.metrics()
+      >>> m.memory_nodes_added_7d, m.patterns_learned_7d  # nothing learnt yet
+      (0, 0)
+    """
     now = self.clock() if now is None else now
     with self._rw.read():
       return metrics_lib.improvement_metrics(self._state, self.cfg, int(now - self.time_origin))
 
   def stats(self, now: float | None = None) -> dict:
-    """A JSON-serialisable summary: counters, buffers, graph, bank, schedule and metrics."""
+    """A JSON-serialisable summary: counters, buffers, graph, bank, schedule and metrics.
+
+    Examples:
+      >>> import json
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> _ = engine.add_memory([1.0, 0.0, 0.0, 0.0])
+      >>> s = engine.stats()
+      >>> s["graph"]["nodes"], s["graph"]["capacity"], s["schedule"]["cycles"]
+      (1, 8, {'background': 0, 'deep': 0})
+      >>> isinstance(json.dumps(s), str)  # JSON-serialisable
+      True
+    """
     now = self.clock() if now is None else now
     with self._rw.read():
       state = self._state
@@ -1158,14 +1355,41 @@ class Sona:
     """Loop B now; forced by default, so it runs below `min_samples` (with at least one signal).
 
     `now` is Unix seconds (the clock when None). It runs on a snapshot in the calling thread:
-    other threads keep serving meanwhile (see `begin_background`)."""
+    other threads keep serving meanwhile (see `begin_background`).
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> for _ in range(3):
+      ...   _ = engine.observe(sona.make_interaction(cfg, query=[1.0, 0.5, 0.0, 0.0], quality=0.9))
+      >>> report = engine.run_background()
+      >>> report.ran, report.n_signals, report.patterns_inserted
+      (True, 3, 1)
+      >>> engine.run_background().reason  # each signal is drained once
+      '0 signals waiting, 1 needed'
+    """
     return self._run_cycle("background", now, force=force)
 
   def run_deep(self, *, now: float | None = None):
     """Loop C now (`deep_step`): consolidation, abstraction, dreams, transfer, compression and
     the integration proxy, then a checkpoint when the driver has a directory.
 
-    `now` is Unix seconds (the clock when None). Returns the `loops.deep.DeepReport`."""
+    `now` is Unix seconds (the clock when None). Returns the `loops.deep.DeepReport`.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> ids = engine.add_memories([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [1.0, 0.01, 0, 0]])
+      >>> report = engine.run_deep()
+      >>> report.compression.merged.tolist()  # the near-duplicate memory 2 is merged into 0
+      [[2, 0]]
+      >>> [(e.kind, e.id, e.into) for e in engine.memory_events()]
+      [('merged', 2, 0)]
+    """
     return self._run_cycle("deep", now)
 
   def _run_cycle(self, loop: str, now: float | None, *, force: bool = False):
@@ -1224,6 +1448,19 @@ class Sona:
 
     Returns:
       `{"background": BackgroundReport | None, "deep": dict | None}` for the loops that were due.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> t = [1_000_000.0]  # a clock the example moves by hand
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0), clock=lambda: t[0])
+      >>> engine.tick()  # nothing is due at the start
+      {'background': None, 'deep': None}
+      >>> t[0] += 3600  # an hour later Loop B is due; it skips itself, with too few signals
+      >>> out = engine.tick()
+      >>> out["background"].ran, out["background"].n_signals, out["deep"]
+      (False, 0, None)
     """
     if now is None:
       now = self.clock()
@@ -1240,7 +1477,23 @@ class Sona:
     transition and cycle in the order the driver serialised them (needs `transcript=True`).
 
     The result equals the live state: each transition is the same jitted function on the same
-    inputs. Used by the tests to check concurrent serving against its sequential order."""
+    inputs. Used by the tests to check concurrent serving against its sequential order.
+
+    Examples:
+      >>> import jax, numpy as np, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0), transcript=True)
+      >>> initial = engine.snapshot()
+      >>> m = engine.add_memory([1.0, 0.0, 0.0, 0.0], quality=0.8)
+      >>> _ = engine.observe(sona.make_interaction(cfg, query=[0.5, 0.5, 0.0, 0.0], quality=0.1,
+      ...                                          used=[m]))
+      >>> replayed, live = engine.replay(initial), engine.snapshot()
+      >>> same = jax.tree.map(lambda a, b: np.asarray(a).tobytes() == np.asarray(b).tobytes(),
+      ...                     replayed, live)
+      >>> all(jax.tree.leaves(same))  # bit for bit
+      True
+    """
     if self._transcript is None:
       raise ValueError("Sona.replay: this driver was built without transcript=True")
     with self._rw.read():
@@ -1264,6 +1517,20 @@ class Sona:
 
     Raises:
       ValueError: the driver was built without a `checkpoint_dir`.
+
+    Examples:
+      >>> import tempfile
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...   engine = sona.Sona(cfg, key=jax.random.key(0), checkpoint_dir=d)
+      ...   _ = engine.add_memory([1.0, 0.0, 0.0, 0.0])
+      ...   step = engine.save()
+      ...   engine.wait_checkpoints()
+      ...   restored = sona.Sona.restore(d)
+      ...   int(restored.snapshot().graph.alive.sum())
+      1
     """
     if self._checkpointer is None:
       raise ValueError("Sona.save: this driver has no checkpoint_dir")
@@ -1292,7 +1559,20 @@ class Sona:
     }
 
   def wait_checkpoints(self) -> None:
-    """Blocks until pending asynchronous checkpoint writes are on disk."""
+    """Blocks until pending asynchronous checkpoint writes are on disk.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...   engine = sona.Sona(cfg, key=jax.random.key(0), checkpoint_dir=d)
+      ...   step = engine.save()
+      ...   engine.wait_checkpoints()  # the write is on disk now
+      ...   len(os.listdir(d)) > 0
+      True
+    """
     if self._checkpointer is not None:
       with self._save_lock:
         self._checkpointer.wait()
@@ -1306,6 +1586,21 @@ class Sona:
       cfg: optional config; must agree with the saved one on every field that shapes the state.
       clock: the clock (Unix seconds), `time.time` by default.
       **kwargs: the driver's other keyword arguments (`batching`, `on_memory_event`, ...).
+
+    Examples:
+      >>> import tempfile
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...   engine = sona.Sona(cfg, key=jax.random.key(0), checkpoint_dir=d)
+      ...   m = engine.add_memory([0.0, 1.0, 0.0, 0.0])
+      ...   _ = engine.observe(sona.make_interaction(cfg, query=[0.0, 1.0, 0.0, 0.0], quality=0.9))
+      ...   _ = engine.save()
+      ...   engine.wait_checkpoints()
+      ...   restored = sona.Sona.restore(d)
+      ...   restored.cfg == cfg, int(restored.snapshot().step), restored.add_memory([1.0, 0, 0, 0])
+      (True, 1, 1)
     """
     from sona_jax.checkpoint import Checkpointer
 
@@ -1343,6 +1638,18 @@ class Sona:
 
     Returns:
       A `concurrent.futures.Future` of the `BackgroundReport`.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> its = [sona.make_interaction(cfg, query=[1.0, 0.5, 0, 0], quality=0.9) for _ in range(3)]
+      >>> reports = [engine.observe(it) for it in its[:2]]
+      >>> future = engine.begin_background()  # on a snapshot: the two signals so far
+      >>> _ = engine.observe(its[2])  # served meanwhile, replayed on the cycle's result
+      >>> future.result().n_signals, int(engine.snapshot().step)
+      (2, 3)
     """
     return self._begin_cycle("background", now, force=force)
 
@@ -1355,6 +1662,18 @@ class Sona:
 
     Returns:
       A `concurrent.futures.Future` of the `DeepReport`.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> ids = engine.add_memories([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [1.0, 0.01, 0, 0]])
+      >>> engine.begin_deep().result().compression.merged.tolist()  # memory 2 merged into 0
+      [[2, 0]]
+      >>> it = sona.make_interaction(cfg, query=[1.0, 0.0, 0.0, 0.0], quality=0.9, used=[ids[2]])
+      >>> engine.observe(it).reason_names()  # naming the merged memory: rejected, counted
+      ['BAD_STALE']
     """
     return self._begin_cycle("deep", now)
 
@@ -1413,7 +1732,20 @@ class Sona:
 
   def start(self, *, poll_s: float = 1.0) -> None:
     """Runs the schedule (`due`) on a worker thread: Loop B via `begin_background`, Loop C via
-    `begin_deep`, each on a snapshot while Loop A keeps serving."""
+    `begin_deep`, each on a snapshot while Loop A keeps serving.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> engine.start(poll_s=0.01)
+      >>> engine.start()
+      Traceback (most recent call last):
+      ...
+      RuntimeError: Sona.start: already started
+      >>> engine.stop(timeout=10)
+    """
     if self._worker is not None and self._worker.is_alive():
       raise RuntimeError("Sona.start: already started")
     self._stop.clear()
@@ -1443,6 +1775,19 @@ class Sona:
 
     With a `timeout` that runs out while a cycle is still running, it logs a warning and returns;
     the cycle finishes on its own (and at interpreter exit, the driver waits for it).
+
+    Examples:
+      >>> import threading
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> engine.start(poll_s=0.01)
+      >>> engine.stop(timeout=10)
+      >>> engine.start(poll_s=0.01)  # stopped, so it starts again
+      >>> engine.stop(timeout=10)
+      >>> any(t.name == "sona-schedule" for t in threading.enumerate())  # the worker has ended
+      False
     """
     self._stop.set()
     deadline = None if timeout is None else _time.monotonic() + timeout

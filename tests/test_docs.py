@@ -26,8 +26,9 @@ MODULES = [
 
 
 def public_functions(module) -> list[str]:
-  """The public functions of `module`: its `__all__`, else its non-underscore names defined in it;
-  classes and constants left out (jitted functions count: they are callables)."""
+  """The public functions of `module`: its `__all__`, else its non-underscore names defined in it
+  (jitted functions count: they are callables), and the public methods its public classes define
+  (`Sona.observe`; classmethods too, properties and inherited methods not)."""
   names = getattr(module, "__all__", None)
   if names is None:
     names = [
@@ -35,8 +36,21 @@ def public_functions(module) -> list[str]:
       for n, v in vars(module).items()
       if not n.startswith("_") and getattr(v, "__module__", None) == module.__name__
     ]
-  values = {n: getattr(module, n) for n in names}
-  return [n for n, v in values.items() if callable(v) and not inspect.isclass(v)]
+  out = []
+  for name in names:
+    value = getattr(module, name)
+    if not inspect.isclass(value):
+      if callable(value):
+        out.append(name)
+      continue
+    if value.__module__ != module.__name__:
+      continue
+    for attr, member in vars(value).items():
+      if attr.startswith("_"):
+        continue
+      if inspect.isfunction(member) or isinstance(member, (classmethod, staticmethod)):
+        out.append(f"{name}.{attr}")
+  return out
 
 
 def checked_examples(module) -> dict[str, int]:
@@ -84,10 +98,27 @@ def bare():
   """No example."""
 
 class Thing:
-  """A class: not a function."""
+  """A class: its public methods count, its properties and private methods do not."""
+
+  def method(self):
+    """No example."""
+
+  @classmethod
+  def make(cls):
+    """Examples:
+      >>> Thing.make() is None
+      True
+    """
+
+  @property
+  def value(self):
+    """No example."""
+
+  def _private(self):
+    """No example."""
 '''
   exec(compile(source, "fake_module.py", "exec"), module.__dict__)
   for name in ("checked", "unchecked", "bare", "Thing"):
     getattr(module, name).__module__ = module.__name__
-  assert public_functions(module) == ["checked", "unchecked", "bare"]
-  assert missing_examples(module) == ["unchecked", "bare"]
+  assert public_functions(module) == ["checked", "unchecked", "bare", "Thing.method", "Thing.make"]
+  assert missing_examples(module) == ["unchecked", "bare", "Thing.method"]

@@ -132,7 +132,16 @@ class InstantReport(NamedTuple):
     return self.values[..., R_EDGES_CHANGED].astype(jnp.int32)
 
   def reason_names(self) -> list[str]:
-    """Names of the rejection reasons of a single (unbatched) report; [] when accepted."""
+    """Names of the rejection reasons of a single (unbatched) report; [] when accepted.
+
+    Examples:
+      >>> import numpy as np
+      >>> bits = np.array([BAD_QUALITY | BAD_IDS], np.int32).view(np.float32)[0]
+      >>> InstantReport(np.array([0.0, bits, 0.0, 0.0, 0.0], np.float32)).reason_names()
+      ['BAD_QUALITY', 'BAD_IDS']
+      >>> InstantReport(np.array([1.0, 0.0, 1.0, 0.5, 2.0], np.float32)).reason_names()
+      []
+    """
     bits = int(np.asarray(self.values).view(np.int32)[R_REASONS])
     return [name for name, bit in REASONS.items() if bits & bit]
 
