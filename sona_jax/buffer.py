@@ -95,8 +95,8 @@ def init_buffer(example_record: Any, capacity: int) -> RingBuffer:
   """An empty ring buffer for records shaped like `example_record`.
 
   Args:
-    example_record: pytree of arrays or `jax.ShapeDtypeStruct`s describing ONE record; only shapes
-      and dtypes are used. Must have at least one leaf.
+    example_record: pytree of arrays or `jax.ShapeDtypeStruct` leaves describing ONE record;
+      only shapes and dtypes are used. Must have at least one leaf.
     capacity: number of record slots, a positive Python int.
 
   Returns:

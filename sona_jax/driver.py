@@ -58,7 +58,19 @@ class Due(NamedTuple):
 
 
 def last_deep_slot(now: float, cfg: SonaConfig) -> float:
-  """The most recent weekly Loop C time (`cfg.deep_weekday`, `cfg.deep_hour_utc`, UTC) <= now."""
+  """The most recent weekly Loop C time (`cfg.deep_weekday`, `cfg.deep_hour_utc`, UTC) <= now.
+
+  Examples:
+    >>> from datetime import datetime, timezone
+    >>> import sona_jax as sona
+    >>> cfg = sona.SonaConfig(dim=8, deep_weekday=6, deep_hour_utc=3)  # Sundays, 03:00 UTC
+    >>> now = datetime(2026, 12, 3, 8, 0, tzinfo=timezone.utc).timestamp()  # a Thursday
+    >>> slot = last_deep_slot(now, cfg)
+    >>> datetime.fromtimestamp(slot, timezone.utc).isoformat()
+    '2026-11-29T03:00:00+00:00'
+    >>> last_deep_slot(slot, cfg) == slot  # a slot is its own latest slot
+    True
+  """
   # 1970-01-01 was a Thursday (weekday 3); Unix time has no leap seconds, so weeks are exact.
   offset = ((cfg.deep_weekday - 3) % 7) * 86_400 + cfg.deep_hour_utc * 3_600
   return now - ((now - offset) % _WEEK)
@@ -76,6 +88,18 @@ def due(now: float, last_background: float, last_deep: float, cfg: SonaConfig) -
     last_background: Unix seconds of the last Loop B that ran (or the start).
     last_deep: Unix seconds of the last Loop C that ran (or the start).
     cfg: the config.
+
+  Examples:
+    >>> from datetime import datetime, timezone
+    >>> import sona_jax as sona
+    >>> cfg = sona.SonaConfig(dim=8, background_interval_s=3600, deep_weekday=6, deep_hour_utc=3)
+    >>> start = datetime(2026, 12, 3, 8, 0, tzinfo=timezone.utc).timestamp()  # Thursday 08:00
+    >>> due(start + 1800, start, start, cfg)
+    Due(background=False, deep=False)
+    >>> due(start + 3600, start, start, cfg)  # an hour after the last Loop B
+    Due(background=True, deep=False)
+    >>> due(start + 4 * 86_400, start, start, cfg)  # Monday 08:00: Sunday 03:00 has passed
+    Due(background=True, deep=True)
   """
   return Due(
     background=now - last_background >= cfg.background_interval_s,
@@ -99,6 +123,20 @@ def adapt(state: SonaState, x, cfg: SonaConfig) -> jax.Array:
     state: the learner's state.
     x: f32[..., dim] embeddings.
     cfg: the config.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, sona_jax as sona
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8)
+    >>> state = sona.init_state(cfg, jax.random.key(0))
+    >>> x = jnp.linspace(-1.0, 1.0, 8)
+    >>> bool(jnp.array_equal(adapt(state, x, cfg), x))  # B = 0 in both adapters: the identity
+    True
+    >>> micro = state.micro._replace(b=jnp.ones_like(state.micro.b))
+    >>> y = adapt(state._replace(micro=micro), x, cfg)
+    >>> bool(jnp.allclose(y, x + cfg.micro_scale * (x @ micro.a) @ micro.b, atol=1e-6))
+    True
+    >>> adapt(state, jnp.ones((3, 8)), cfg).shape  # any leading axes
+    (3, 8)
   """
   x = jnp.asarray(x, jnp.float32)
   if x.shape[-1:] != (cfg.dim,):
@@ -238,6 +276,19 @@ def route(
 
   Returns:
     `Routing(tier, probs, propensity)`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, sona_jax as sona
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8)
+    >>> state, q, key = sona.init_state(cfg, jax.random.key(0)), [1.0] * 8, jax.random.key(1)
+    >>> r = route(state, q, cfg, key, explore=False)  # greedy: no sampling, no epsilon
+    >>> r.probs.shape, float(r.propensity)
+    ((3,), 1.0)
+    >>> int(route(state, q, cfg, key, threshold=0.0, explore=False).tier)  # all clear it: cheapest
+    0
+    >>> r = route(state, q, cfg, key, threshold=1.0, explore=False)  # none does: the most likely
+    >>> int(r.tier) == int(jnp.argmax(r.probs))
+    True
   """
   x = jnp.asarray(query, jnp.float32)
   if x.shape != (cfg.dim,):
@@ -255,6 +306,22 @@ def tier_success(state: SonaState, query, cfg: SonaConfig, *, context_tokens=0, 
 
   `route`'s `probs` without a decision: the nearest patterns' per-tier records shrunk toward the
   router head's prediction (`patterns.tier_estimates`).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, sona_jax as sona
+    >>> from sona_jax import patterns
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8)
+    >>> state, q = sona.init_state(cfg, jax.random.key(0)), jnp.ones(8)
+    >>> p = tier_success(state, q, cfg)  # an empty bank: the router head's prediction
+    >>> bool(jnp.allclose(p, route(state, q, cfg, jax.random.key(1)).probs))
+    True
+    >>> record = jnp.array([[20.0, 0.0, 0.0]])  # a pattern at q: tier 0 succeeded 20 times of 20
+    >>> bank, _ = patterns.merge_patterns(state.bank, q[None], jnp.array([20.0]), jnp.array([1.0]),
+    ...                                   record, record, jnp.array([True]), now=0)
+    >>> after = tier_success(state._replace(bank=bank), q, cfg)
+    >>> m = cfg.router_prior_strength  # (20 + m prior) / (20 + m) >= 20 / (20 + m)
+    >>> bool(after[0] >= 20 / (20 + m) - 1e-6), bool(after[0] > p[0])
+    (True, True)
   """
   x = jnp.asarray(query, jnp.float32)
   if x.shape != (cfg.dim,):
@@ -454,6 +521,13 @@ class Knobs:
 
   @classmethod
   def from_config(cls, cfg: SonaConfig) -> Knobs:
+    """The knobs' values in `cfg`: what a new driver starts with.
+
+    Examples:
+      >>> import sona_jax as sona
+      >>> sona.Knobs.from_config(sona.SonaConfig(dim=8, micro_lr=0.25, router_cost_weight=1))
+      Knobs(micro_lr=0.25, router_threshold=0.93, router_epsilon=0.05, router_cost_weight=1.0)
+    """
     return cls(
       float(cfg.micro_lr),
       float(cfg.router_threshold),
@@ -462,6 +536,17 @@ class Knobs:
     )
 
   def validate(self) -> Knobs:
+    """Returns the knobs when every one is in range, else raises `ValueError` naming it.
+
+    Examples:
+      >>> import sona_jax as sona
+      >>> sona.Knobs(micro_lr=0.1, router_threshold=0.9, router_epsilon=0.05).validate().micro_lr
+      0.1
+      >>> sona.Knobs(micro_lr=0.1, router_threshold=1.5, router_epsilon=0.05).validate()
+      Traceback (most recent call last):
+      ...
+      ValueError: Knobs.router_threshold=1.5; expected a number in [0.0, 1.0]
+    """
     w = self.router_cost_weight
     if w is not None and not (_is_number(w) and 0 <= w < math.inf):
       raise ValueError(f"Knobs.router_cost_weight={w!r}; expected None or a finite number >= 0")
@@ -628,12 +713,36 @@ class Sona:
       self._state = value
 
   def snapshot(self) -> SonaState:
-    """A copy of the current state that no later transition touches (safe to keep and read)."""
+    """A copy of the current state that no later transition touches (safe to keep and read).
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> before = engine.snapshot()
+      >>> m = engine.add_memory([1.0, 0.0, 0.0, 0.0])
+      >>> int(before.graph.alive.sum()), int(engine.snapshot().graph.alive.sum())  # the copy stays
+      (0, 1)
+    """
     with self._rw.read():
       return jax.block_until_ready(jax.tree.map(jnp.copy, self._state))
 
   def now(self) -> int:
-    """Seconds since the time origin, as stored in interactions and the state."""
+    """Seconds since the time origin, as stored in interactions and the state.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> t = [1_000_000.0]  # a clock the example moves by hand
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0), clock=lambda: t[0])
+      >>> engine.now()
+      0
+      >>> t[0] += 90.5
+      >>> engine.now()
+      90
+    """
     return int(self.clock() - self.time_origin)
 
   # ---------------------------------------------------------------------------------- knobs
@@ -650,6 +759,20 @@ class Sona:
 
     Raises:
       ValueError: an unknown knob or a value outside its range (nothing is changed).
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> engine.set_knobs(router_threshold=0.8).router_threshold
+      0.8
+      >>> engine.set_knobs(router_epsilon=2.0)
+      Traceback (most recent call last):
+      ...
+      ValueError: Knobs.router_epsilon=2.0; expected a number in [0.0, 1.0]
+      >>> engine.knobs.router_epsilon == cfg.router_epsilon  # nothing changed
+      True
     """
     unknown = set(changes) - {f.name for f in dataclasses.fields(Knobs)}
     if unknown:
@@ -722,6 +845,16 @@ class Sona:
     At capacity the new memory takes the slot of the lowest-value established memory; memories
     younger than `cfg.admission_window_s` are kept while older ones exist (see
     `graph.add_node`). The evicted memory's id becomes stale and a `MemoryEvent` reports it.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> a = engine.add_memory([1.0, 0.0, 0.0, 0.0], quality=0.8)
+      >>> b, evicted = engine.add_memory([0.0, 1.0, 0.0, 0.0], return_evicted=True)
+      >>> a, b, evicted  # free slots: nothing evicted
+      (0, 1, -1)
     """
     e = np.asarray(embedding, np.float32)
     if e.shape != (self.cfg.dim,):
@@ -736,7 +869,19 @@ class Sona:
   ):
     """Adds a batch of memories in one call; returns their ids as a NumPy array (and the ids
     each evicted, -1 for none, with `return_evicted=True`). A batch of k <= capacity memories
-    gets k distinct slots."""
+    gets k distinct slots.
+
+    Examples:
+      >>> import jax, numpy as np, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> engine.add_memories(np.eye(4), quality=0.5).tolist()
+      [0, 1, 2, 3]
+      >>> ids, evicted = engine.add_memories(2 * np.eye(4)[:2], return_evicted=True)
+      >>> ids.tolist(), evicted.tolist()
+      ([4, 5], [-1, -1])
+    """
     e = np.asarray(embeddings, np.float32)
     if e.ndim != 2 or e.shape[1] != self.cfg.dim:
       raise ValueError(f"add_memories: embeddings {e.shape}; expected [n, {self.cfg.dim}]")
@@ -765,7 +910,21 @@ class Sona:
 
   def memory_events(self) -> list[MemoryEvent]:
     """Takes the queued `MemoryEvent`s (evictions and merges, oldest first). The queue keeps the
-    newest 65,536; `stats()["memory_events"]["dropped"]` counts older ones lost unread."""
+    newest 65,536; `stats()["memory_events"]["dropped"]` counts older ones lost unread.
+
+    Examples:
+      >>> import jax, numpy as np, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> ids = engine.add_memories(np.eye(4).repeat(2, axis=0), time=0)  # 8 memories: full
+      >>> later = 2 * 86_400  # past the admission window: an established memory is evicted
+      >>> new, evicted = engine.add_memory([1.0, 1.0, 0.0, 0.0], time=later, return_evicted=True)
+      >>> [(e.kind, e.id) for e in engine.memory_events()] == [("evicted", evicted)]
+      True
+      >>> engine.memory_events()  # taken: the queue is empty now
+      []
+    """
     out = []
     while True:
       try:
@@ -788,6 +947,22 @@ class Sona:
     `query=..., quality=..., used=..., unused=...`): those are packed straight into the vector
     Loop A reads (`types.pack_interaction`), the cheaper request path. An interaction made
     without a time is stamped with the driver's clock on arrival.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> m = engine.add_memory([1.0, 0.0, 0.0, 0.0], quality=0.8)
+      >>> it = sona.make_interaction(cfg, query=[0.5, 0.5, 0.0, 0.0], quality=0.1, used=[m])
+      >>> report = engine.observe(it)
+      >>> bool(report.accepted), int(engine.snapshot().step)
+      (True, 1)
+      >>> bad = sona.make_interaction(cfg, query=[0.5, 0.5, 0.0, 0.0], quality=0.1, used=[5])
+      >>> engine.observe(bad).reason_names()  # no live memory has id 5: rejected, counted
+      ['BAD_STALE']
+      >>> bool(engine.observe(query=[0.0, 1.0, 0.0, 0.0], quality=0.9, used=[m]).accepted)
+      True
     """
     if interaction is None:
       if not fields:
@@ -802,7 +977,17 @@ class Sona:
     return self._submit(_Ticket(packed, None))
 
   def observe_many(self, interactions: types.Interaction | Sequence[types.Interaction]):
-    """Loop A on a batch (a stacked `Interaction` or a list), sequential semantics."""
+    """Loop A on a batch (a stacked `Interaction` or a list), sequential semantics.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> its = [sona.make_interaction(cfg, query=[1.0, i, 0.0, 0.0], quality=0.9) for i in (0, 1)]
+      >>> engine.observe_many(its).accepted.tolist(), int(engine.snapshot().step)
+      ([True, True], 2)
+    """
     if not isinstance(interactions, types.Interaction):
       interactions = types.stack_interactions(list(interactions))
     packed = self._packed(interactions, True)
@@ -888,7 +1073,17 @@ class Sona:
   def warmup(self, max_size: int = 64) -> None:
     """Compiles Loop A's single step and the padded batch sizes up to `max_size` (those that
     concurrent single `observe` calls coalesce into), now, so no request pays for a compilation
-    later. Changes nothing in the state."""
+    later. Changes nothing in the state.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> engine.warmup(max_size=2)  # the single step and batches of 2
+      >>> int(engine.snapshot().step)  # compiled only: the state is unchanged
+      0
+    """
     width = types.packed_width(self.cfg)
     with self._rw.write():
       for size in (b for b in _BUCKETS if b <= min(max_size, self.max_batch)):
@@ -902,7 +1097,16 @@ class Sona:
   # -------------------------------------------------------------------------------- readers
 
   def adapt(self, x) -> jax.Array:
-    """The adapted embedding `x + delta_base(x) + delta_micro(x)`."""
+    """The adapted embedding `x + delta_base(x) + delta_micro(x)`.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> engine.adapt([1.0, 2.0, 3.0, 4.0]).tolist()  # a fresh learner: the identity
+      [1.0, 2.0, 3.0, 4.0]
+    """
     with self._rw.read():
       return jax.block_until_ready(adapt(self._state, x, self.cfg))
 
@@ -938,6 +1142,20 @@ class Sona:
 
     Returns:
       The tier (int), or the dict with `return_info`.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> engine.route([1.0, 0.0, 0.0, 0.0]) in range(cfg.n_tiers)
+      True
+      >>> info = engine.route([1.0, 0.0, 0.0, 0.0], return_info=True)
+      >>> sorted(info), 0.0 < info["propensity"] <= 1.0
+      (['cost_weight', 'probs', 'propensity', 'tier'], True)
+      >>> _ = engine.set_knobs(router_epsilon=0.0)
+      >>> {engine.route([1.0, 0.0, 0.0, 0.0], cost_weight=100.0) for _ in range(5)}  # cost rules
+      {0}
     """
     if cost_weight is not None and budget is not None:
       raise ValueError("Sona.route: give cost_weight or budget, not both")
@@ -992,7 +1210,17 @@ class Sona:
 
   def tier_success(self, query, *, context_tokens: int = 0) -> np.ndarray:
     """The estimated success probability of every tier for `query`: f32[n_tiers] (`route`'s
-    estimates: the nearest patterns' records shrunk toward the router head's prediction)."""
+    estimates: the nearest patterns' records shrunk toward the router head's prediction).
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> p = engine.tier_success([1.0, 0.0, 0.0, 0.0])
+      >>> p.shape, bool(((p > 0) & (p < 1)).all())
+      ((3,), True)
+    """
     with self._rw.read():
       return np.asarray(tier_success(self._state, query, self.cfg, context_tokens=context_tokens))
 
@@ -1002,6 +1230,20 @@ class Sona:
     Returns:
       A list of dicts (`id`, `score`, `centroid`, `size`, `avg_quality`, per-tier success rates),
       best first; shorter than `k` when the bank holds fewer patterns.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> engine.find_patterns([1.0, 0.0, 0.0, 0.0])  # an empty bank
+      []
+      >>> for _ in range(3):
+      ...   _ = engine.observe(sona.make_interaction(cfg, query=[1.0, 0.5, 0.0, 0.0], quality=0.9))
+      >>> _ = engine.run_background()  # Loop B extracts the pattern of these queries
+      >>> found = engine.find_patterns([1.0, 0.5, 0.0, 0.0], k=2)
+      >>> len(found), round(found[0]["score"], 4), found[0]["size"]
+      (1, 1.0, 3.0)
     """
     x = jnp.asarray(query, jnp.float32)
     if x.shape != (self.cfg.dim,):
@@ -1036,13 +1278,37 @@ class Sona:
     return out
 
   def metrics(self, now: float | None = None) -> metrics_lib.ImprovementMetrics:
-    """The seed's `ImprovementMetrics` at Unix time `now` (the clock when None)."""
+    """The seed's `ImprovementMetrics` at Unix time `now` (the clock when None).
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> m = engine.metrics()
+      >>> m.memory_nodes_added_7d, m.patterns_learned_7d  # nothing learnt yet
+      (0, 0)
+    """
     now = self.clock() if now is None else now
     with self._rw.read():
       return metrics_lib.improvement_metrics(self._state, self.cfg, int(now - self.time_origin))
 
   def stats(self, now: float | None = None) -> dict:
-    """A JSON-serialisable summary: counters, buffers, graph, bank, schedule and metrics."""
+    """A JSON-serialisable summary: counters, buffers, graph, bank, schedule and metrics.
+
+    Examples:
+      >>> import json
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> _ = engine.add_memory([1.0, 0.0, 0.0, 0.0])
+      >>> s = engine.stats()
+      >>> s["graph"]["nodes"], s["graph"]["capacity"], s["schedule"]["cycles"]
+      (1, 8, {'background': 0, 'deep': 0})
+      >>> isinstance(json.dumps(s), str)  # JSON-serialisable
+      True
+    """
     now = self.clock() if now is None else now
     with self._rw.read():
       state = self._state
@@ -1118,14 +1384,41 @@ class Sona:
     """Loop B now; forced by default, so it runs below `min_samples` (with at least one signal).
 
     `now` is Unix seconds (the clock when None). It runs on a snapshot in the calling thread:
-    other threads keep serving meanwhile (see `begin_background`)."""
+    other threads keep serving meanwhile (see `begin_background`).
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> for _ in range(3):
+      ...   _ = engine.observe(sona.make_interaction(cfg, query=[1.0, 0.5, 0.0, 0.0], quality=0.9))
+      >>> report = engine.run_background()
+      >>> report.ran, report.n_signals, report.patterns_inserted
+      (True, 3, 1)
+      >>> engine.run_background().reason  # each signal is drained once
+      '0 signals waiting, 1 needed'
+    """
     return self._run_cycle("background", now, force=force)
 
   def run_deep(self, *, now: float | None = None):
     """Loop C now (`deep_step`): consolidation, abstraction, dreams, transfer, compression and
     the integration proxy, then a checkpoint when the driver has a directory.
 
-    `now` is Unix seconds (the clock when None). Returns the `loops.deep.DeepReport`."""
+    `now` is Unix seconds (the clock when None). Returns the `loops.deep.DeepReport`.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> ids = engine.add_memories([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [1.0, 0.01, 0, 0]])
+      >>> report = engine.run_deep()
+      >>> report.compression.merged.tolist()  # the near-duplicate memory 2 is merged into 0
+      [[2, 0]]
+      >>> [(e.kind, e.id, e.into) for e in engine.memory_events()]
+      [('merged', 2, 0)]
+    """
     return self._run_cycle("deep", now)
 
   def _run_cycle(self, loop: str, now: float | None, *, force: bool = False):
@@ -1184,6 +1477,19 @@ class Sona:
 
     Returns:
       `{"background": BackgroundReport | None, "deep": dict | None}` for the loops that were due.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> t = [1_000_000.0]  # a clock the example moves by hand
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0), clock=lambda: t[0])
+      >>> engine.tick()  # nothing is due at the start
+      {'background': None, 'deep': None}
+      >>> t[0] += 3600  # an hour later Loop B is due; it skips itself, with too few signals
+      >>> out = engine.tick()
+      >>> out["background"].ran, out["background"].n_signals, out["deep"]
+      (False, 0, None)
     """
     if now is None:
       now = self.clock()
@@ -1200,7 +1506,23 @@ class Sona:
     transition and cycle in the order the driver serialised them (needs `transcript=True`).
 
     The result equals the live state: each transition is the same jitted function on the same
-    inputs. Used by the tests to check concurrent serving against its sequential order."""
+    inputs. Used by the tests to check concurrent serving against its sequential order.
+
+    Examples:
+      >>> import jax, numpy as np, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0), transcript=True)
+      >>> initial = engine.snapshot()
+      >>> m = engine.add_memory([1.0, 0.0, 0.0, 0.0], quality=0.8)
+      >>> _ = engine.observe(sona.make_interaction(cfg, query=[0.5, 0.5, 0.0, 0.0], quality=0.1,
+      ...                                          used=[m]))
+      >>> replayed, live = engine.replay(initial), engine.snapshot()
+      >>> same = jax.tree.map(lambda a, b: np.asarray(a).tobytes() == np.asarray(b).tobytes(),
+      ...                     replayed, live)
+      >>> all(jax.tree.leaves(same))  # bit for bit
+      True
+    """
     if self._transcript is None:
       raise ValueError("Sona.replay: this driver was built without transcript=True")
     with self._rw.read():
@@ -1224,6 +1546,20 @@ class Sona:
 
     Raises:
       ValueError: the driver was built without a `checkpoint_dir`.
+
+    Examples:
+      >>> import tempfile
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...   engine = sona.Sona(cfg, key=jax.random.key(0), checkpoint_dir=d)
+      ...   _ = engine.add_memory([1.0, 0.0, 0.0, 0.0])
+      ...   step = engine.save()
+      ...   engine.wait_checkpoints()
+      ...   restored = sona.Sona.restore(d)
+      ...   int(restored.snapshot().graph.alive.sum())
+      1
     """
     if self._checkpointer is None:
       raise ValueError("Sona.save: this driver has no checkpoint_dir")
@@ -1252,7 +1588,20 @@ class Sona:
     }
 
   def wait_checkpoints(self) -> None:
-    """Blocks until pending asynchronous checkpoint writes are on disk."""
+    """Blocks until pending asynchronous checkpoint writes are on disk.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...   engine = sona.Sona(cfg, key=jax.random.key(0), checkpoint_dir=d)
+      ...   step = engine.save()
+      ...   engine.wait_checkpoints()  # the write is on disk now
+      ...   len(os.listdir(d)) > 0
+      True
+    """
     if self._checkpointer is not None:
       with self._save_lock:
         self._checkpointer.wait()
@@ -1266,6 +1615,21 @@ class Sona:
       cfg: optional config; must agree with the saved one on every field that shapes the state.
       clock: the clock (Unix seconds), `time.time` by default.
       **kwargs: the driver's other keyword arguments (`batching`, `on_memory_event`, ...).
+
+    Examples:
+      >>> import tempfile
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...   engine = sona.Sona(cfg, key=jax.random.key(0), checkpoint_dir=d)
+      ...   m = engine.add_memory([0.0, 1.0, 0.0, 0.0])
+      ...   _ = engine.observe(sona.make_interaction(cfg, query=[0.0, 1.0, 0.0, 0.0], quality=0.9))
+      ...   _ = engine.save()
+      ...   engine.wait_checkpoints()
+      ...   restored = sona.Sona.restore(d)
+      ...   restored.cfg == cfg, int(restored.snapshot().step), restored.add_memory([1.0, 0, 0, 0])
+      (True, 1, 1)
     """
     from sona_jax.checkpoint import Checkpointer
 
@@ -1303,6 +1667,18 @@ class Sona:
 
     Returns:
       A `concurrent.futures.Future` of the `BackgroundReport`.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> its = [sona.make_interaction(cfg, query=[1.0, 0.5, 0, 0], quality=0.9) for _ in range(3)]
+      >>> reports = [engine.observe(it) for it in its[:2]]
+      >>> future = engine.begin_background()  # on a snapshot: the two signals so far
+      >>> _ = engine.observe(its[2])  # served meanwhile, replayed on the cycle's result
+      >>> future.result().n_signals, int(engine.snapshot().step)
+      (2, 3)
     """
     return self._begin_cycle("background", now, force=force)
 
@@ -1311,10 +1687,22 @@ class Sona:
 
     Transitions made meanwhile are replayed on the restructured state; an observation naming a
     memory that compression merged away is then rejected by Loop A's validation and counted
-    (`BAD_STALE`), never applied to a recycled slot. Merges are delivered as `MemoryEvent`s.
+    (`BAD_STALE`), never applied to a recycled slot. Merges are delivered as `MemoryEvent` records.
 
     Returns:
       A `concurrent.futures.Future` of the `DeepReport`.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> ids = engine.add_memories([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [1.0, 0.01, 0, 0]])
+      >>> engine.begin_deep().result().compression.merged.tolist()  # memory 2 merged into 0
+      [[2, 0]]
+      >>> it = sona.make_interaction(cfg, query=[1.0, 0.0, 0.0, 0.0], quality=0.9, used=[ids[2]])
+      >>> engine.observe(it).reason_names()  # naming the merged memory: rejected, counted
+      ['BAD_STALE']
     """
     return self._begin_cycle("deep", now)
 
@@ -1373,7 +1761,20 @@ class Sona:
 
   def start(self, *, poll_s: float = 1.0) -> None:
     """Runs the schedule (`due`) on a worker thread: Loop B via `begin_background`, Loop C via
-    `begin_deep`, each on a snapshot while Loop A keeps serving."""
+    `begin_deep`, each on a snapshot while Loop A keeps serving.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> engine.start(poll_s=0.01)
+      >>> engine.start()
+      Traceback (most recent call last):
+      ...
+      RuntimeError: Sona.start: already started
+      >>> engine.stop(timeout=10)
+    """
     if self._worker is not None and self._worker.is_alive():
       raise RuntimeError("Sona.start: already started")
     self._stop.clear()
@@ -1403,6 +1804,19 @@ class Sona:
 
     With a `timeout` that runs out while a cycle is still running, it logs a warning and returns;
     the cycle finishes on its own (and at interpreter exit, the driver waits for it).
+
+    Examples:
+      >>> import threading
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> engine.start(poll_s=0.01)
+      >>> engine.stop(timeout=10)
+      >>> engine.start(poll_s=0.01)  # stopped, so it starts again
+      >>> engine.stop(timeout=10)
+      >>> any(t.name == "sona-schedule" for t in threading.enumerate())  # the worker has ended
+      False
     """
     self._stop.set()
     deadline = None if timeout is None else _time.monotonic() + timeout

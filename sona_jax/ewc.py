@@ -82,6 +82,14 @@ def init_ewc(params) -> EWCState:
 
   Returns:
     `EWCState(fisher=zeros f32 like params, anchor=a copy of params, count=i32[] 0)`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> s = init_ewc({"w": jnp.array([1.0, 2.0])})
+    >>> s.fisher["w"].tolist(), s.anchor["w"].tolist(), int(s.count)
+    ([0.0, 0.0], [1.0, 2.0], 0)
+    >>> float(penalty(s, {"w": jnp.array([9.0, 9.0])}, 1.0))  # a zero Fisher: no penalty yet
+    0.0
   """
   return EWCState(fisher=_zeros_f32(params), anchor=_copy(params), count=jnp.zeros((), jnp.int32))
 
@@ -99,6 +107,16 @@ def fisher_from_grads(per_sample_grads) -> Any:
 
   Returns:
     A pytree like the parameters, f32 leaves of `param_shape`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> fisher_from_grads({"w": jnp.array([[1.0, -2.0], [3.0, 0.0]])})["w"].tolist()  # mean of g^2
+    [5.0, 2.0]
+    >>> loss = lambda w, x: jnp.square(jnp.dot(w, x))  # per-sample grads with vmap(grad)
+    >>> xs = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> grads = jax.vmap(jax.grad(loss), in_axes=(None, 0))(jnp.array([1.0, 2.0]), xs)
+    >>> fisher_from_grads(grads).tolist()  # grads [2, 0] and [0, 4]
+    [2.0, 8.0]
   """
   return jax.tree.map(
     lambda g: jnp.mean(jnp.square(g.astype(jnp.float32)), axis=0), per_sample_grads
@@ -173,6 +191,15 @@ def penalty(ewc_state, params, lam) -> jax.Array:
 
   Raises:
     ValueError: for a concrete negative `lam`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> s = EWCState({"w": jnp.array([2.0, 0.0])}, {"w": jnp.array([1.0, 1.0])}, jnp.int32(1))
+    >>> params = {"w": jnp.array([3.0, 5.0])}
+    >>> float(penalty(s, params, 0.5))  # 0.5 / 2 * (2 * (3 - 1)^2 + 0 * (5 - 1)^2)
+    2.0
+    >>> jax.grad(lambda p: penalty(s, p, 0.5))(params)["w"].tolist()  # lam * F * (theta - theta*)
+    [2.0, 0.0]
   """
   _check_non_negative("lam", lam)
   terms = jax.tree.map(
@@ -265,6 +292,18 @@ def with_ewc(opt_state, ewc_state):
 
   Raises:
     ValueError: when `opt_state` holds no `EWCRegularizeState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> params = {"w": jnp.array([1.0, 2.0])}
+    >>> opt_state = optax.chain(ewc_regularize(1.0), optax.sgd(0.1)).init(params)
+    >>> float(opt_state[0].fisher["w"].sum())  # starts with a zero Fisher
+    0.0
+    >>> s = ewc_step(init_ewc(params), {"w": jnp.array([[1.0, 3.0]])}, params, alpha=0.1)
+    >>> opt_state = with_ewc(opt_state, s)
+    >>> opt_state[0].fisher["w"].tolist(), opt_state[0].anchor["w"].tolist()
+    ([1.0, 9.0], [1.0, 2.0])
   """
   found = []
 

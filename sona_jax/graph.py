@@ -153,14 +153,33 @@ class Graph(NamedTuple):
 
 
 def make_edges(nbr, w, kind) -> jax.Array:
-  """Packs `nbr i32[..., K]`, `w f32[..., K]`, `kind i32[..., K]` into an `edges` array."""
+  """Packs `nbr i32[..., K]`, `w f32[..., K]`, `kind i32[..., K]` into an `edges` array.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> kinds = jnp.array([[CONSOLIDATED, 0]])
+    >>> e = make_edges(jnp.array([[3, -1]]), jnp.array([[0.5, 0.0]]), kinds)
+    >>> e.shape, e[0, :2].tolist(), e[0, 4:].tolist()  # ids, then weight bits, then kinds
+    ((1, 6), [3, -1], [1, 0])
+    >>> jax.lax.bitcast_convert_type(e[0, 2:4], jnp.float32).tolist()
+    [0.5, 0.0]
+  """
   return jnp.concatenate(
     [jnp.asarray(nbr, jnp.int32), _f2i(w), jnp.asarray(kind, jnp.int32)], axis=-1
   )
 
 
 def make_node(access, last_access, created, quality, strength, alive, domain, generation):
-  """Packs per-node columns (each `[..., N]` or scalars) into a `node i32[..., 8]` array."""
+  """Packs per-node columns (each `[..., N]` or scalars) into a `node i32[..., 8]` array.
+
+  Examples:
+    >>> row = make_node(2, 5, 1, 0.75, 1.0, 1, 0, 1)  # access, last access, created, quality, ...
+    >>> row.shape, row[:3].tolist()
+    ((8,), [2, 5, 1])
+    >>> g = init_graph(1, 2, 1)._replace(node=row[None])
+    >>> g.quality.tolist(), g.access_count.tolist(), g.alive.tolist()  # the named views decode it
+    ([0.75], [2], [True])
+  """
   i32 = lambda x: jnp.asarray(x, jnp.int32)
   cols = [
     i32(access),
@@ -177,7 +196,15 @@ def make_node(access, last_access, created, quality, strength, alive, domain, ge
 
 
 def init_graph(capacity: int, dim: int, degree: int) -> Graph:
-  """An empty graph: all nodes dead, all edge slots empty."""
+  """An empty graph: all nodes dead, all edge slots empty.
+
+  Examples:
+    >>> g = init_graph(4, 3, 2)
+    >>> g.capacity, g.degree, g.emb.shape, g.edges.shape, g.node.shape
+    (4, 2, (4, 3), (4, 6), (4, 8))
+    >>> g.nbr[0].tolist(), bool(g.alive.any())
+    ([-1, -1], False)
+  """
   for name, v in (("capacity", capacity), ("dim", dim), ("degree", degree)):
     if not isinstance(v, int) or v < 1:
       raise ValueError(f"init_graph: {name} must be a positive int, got {v!r}")
@@ -196,6 +223,12 @@ def node_value(graph: Graph, now, half_life_s: float) -> jax.Array:
 
   Dead nodes get -1, below any live node (values are >= 0), so free slots are taken first.
   `add_node` evicts by this value only among nodes older than its admission window.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> g, _, _ = add_node(init_graph(2, 2, 1), jnp.array([1.0, 0.0]), quality=0.5, time=0)
+    >>> node_value(g, 3600, 3600.0).tolist()  # 0.5 * (1 + log1p(0)) * 1 * 0.5^1; a dead node: -1
+    [0.25, -1.0]
   """
   idle = jnp.maximum(jnp.asarray(now, jnp.int32) - graph.last_access, 0).astype(jnp.float32)
   recency = jnp.exp2(-idle / jnp.float32(half_life_s))
@@ -347,6 +380,17 @@ def _add_node(
     `(graph, node_id, evicted_id)`: the new memory's id and the evicted memory's id (-1 if the slot
     was free), as stable memory ids (`memory_id`: the slot plus its generation; equal to the slot
     the first time a slot is used). `slot_of`/`resolve_ids` map ids back to rows.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> g = init_graph(2, 2, 1)
+    >>> g, a, evicted = add_node(g, jnp.array([0.0, 2.0]), quality=0.9, time=10)
+    >>> int(a), int(evicted), g.emb[0].tolist()  # the first free slot; stored unit-norm
+    (0, -1, [0.0, 1.0])
+    >>> g, b, _ = add_node(g, jnp.array([1.0, 0.0]), quality=0.2, time=10)
+    >>> g, c, evicted = add_node(g, jnp.array([1.0, 1.0]), time=10 + 2 * 86_400)  # full
+    >>> int(evicted), int(c), int(slot_of(c, 2))  # the lower-value node's slot, a new id
+    (1, 3, 1)
   """
   window = _check_window(admission_window_s)
   time = jnp.asarray(time, jnp.int32)
@@ -378,6 +422,13 @@ def add_nodes(
   the slot of node `i - N` (`evicted[i] == ids[i - N]`).
 
   `quality`, `time` and `domain` may be scalars or per-node arrays of length `n`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> emb = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]])
+    >>> g, ids, evicted = add_nodes(init_graph(3, 2, 1), emb, quality=0.5, time=0)
+    >>> ids.tolist(), evicted.tolist()  # 4 nodes, capacity 3: the last takes the first's slot
+    ([0, 1, 2, 3], [-1, -1, -1, 0])
   """
   window = _check_window(admission_window_s)
   n = embeddings.shape[0]
@@ -400,7 +451,16 @@ def add_nodes(
 
 @jax.jit
 def remove_node(graph: Graph, node_id) -> Graph:
-  """Marks a node dead and clears its edges in and out (keeps the invariant of the module)."""
+  """Marks a node dead and clears its edges in and out (keeps the invariant of the module).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> g, _, _ = add_nodes(init_graph(3, 2, 2), jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    >>> g, _ = add_edges(g, [0, 1], [2, 2], [0.5, 0.5], HEBBIAN)  # 0 -> 2 and 1 -> 2
+    >>> g = remove_node(g, 2)
+    >>> bool(g.alive[2]), g.nbr.tolist()  # dead, and no edge points at it any more
+    (False, [[-1, -1], [-1, -1], [-1, -1]])
+  """
   node_id = jnp.asarray(node_id, jnp.int32)
   k = graph.degree
   edges = _clear_in_edges(graph.edges, node_id, k).at[node_id].set(_empty_row(k))
@@ -409,12 +469,22 @@ def remove_node(graph: Graph, node_id) -> Graph:
 
 
 def strengthen(w, rate):
-  """Hebbian strengthening `w + rate (1 - w)` (seed: +5% per use); stays in [0, 1]."""
+  """Hebbian strengthening `w + rate (1 - w)` (seed: +5% per use); stays in [0, 1].
+
+  Examples:
+    >>> round(strengthen(0.5, 0.1), 6), strengthen(1.0, 0.1)  # 0.5 + 0.1 * 0.5; 1 stays 1
+    (0.55, 1.0)
+  """
   return w + rate * (1.0 - w)
 
 
 def weaken(w, rate):
-  """Hebbian weakening `w (1 - rate)` (seed: -2% per skip); stays in [0, 1]."""
+  """Hebbian weakening `w (1 - rate)` (seed: -2% per skip); stays in [0, 1].
+
+  Examples:
+    >>> round(weaken(0.5, 0.1), 6), weaken(0.0, 0.1)  # 0.5 * 0.9; 0 stays 0
+    (0.45, 0.0)
+  """
   return w * (1.0 - rate)
 
 
@@ -442,6 +512,16 @@ def hebbian_row(row: jax.Array, anchor, used, unused, *, strengthen_rate, weaken
 
   Returns:
     `(row, n_changed)`: the new row and the number of ids that changed an edge.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> row = make_edges(jnp.array([1, 2, -1]), jnp.array([0.5, 0.5, 0.0]), jnp.zeros(3, jnp.int32))
+    >>> used, unused = jnp.array([1, 3]), jnp.array([2, -1])
+    >>> new, n = hebbian_row(row, 0, used, unused, strengthen_rate=0.5, weaken_rate=0.5)
+    >>> new[:3].tolist(), int(n)  # 3 gets the empty slot
+    ([1, 2, 3], 3)
+    >>> jax.lax.bitcast_convert_type(new[3:6], jnp.float32).tolist()  # .5 + .5 * .5, .5 / 2, new
+    [0.75, 0.25, 0.5]
   """
   k = row.shape[-1] // 3
   k_u, k_v = used.shape[-1], unused.shape[-1]
@@ -494,7 +574,18 @@ def hebbian_row(row: jax.Array, anchor, used, unused, *, strengthen_rate, weaken
 
 @functools.partial(jax.jit, static_argnames=("strengthen_rate", "weaken_rate"))
 def hebbian_update(graph: Graph, anchor, used, unused, *, strengthen_rate=0.05, weaken_rate=0.02):
-  """Hebbian update of `anchor`'s edges (see `hebbian_row`); no-op when `anchor < 0`."""
+  """Hebbian update of `anchor`'s edges (see `hebbian_row`); no-op when `anchor < 0`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> g, _, _ = add_nodes(init_graph(3, 2, 2), jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    >>> g = hebbian_update(g, 0, jnp.array([1, -1]), jnp.array([-1, -1]))
+    >>> g.nbr[0].tolist(), round(float(g.w[0, 0]), 4), int(g.kind[0, 0]) == HEBBIAN
+    ([1, -1], 0.05, True)
+    >>> same = hebbian_update(g, -1, jnp.array([2, -1]), jnp.array([-1, -1]))  # anchor -1: no-op
+    >>> bool((same.edges == g.edges).all())
+    True
+  """
   anchor = jnp.asarray(anchor, jnp.int32)
   safe = jnp.clip(anchor, 0, graph.capacity - 1)
   row = jax.lax.dynamic_index_in_dim(graph.edges, safe, keepdims=False)
@@ -515,6 +606,16 @@ def neighbors(graph: Graph, node_id, *, exclude_synthetic: bool = False):
 
   With `exclude_synthetic`, `CREATIVE` and `ANALOGY` edges are masked out (docs/design.md,
   "Memory graph": synthetic edges are always marked so retrieval can exclude them).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> g, _, _ = add_nodes(init_graph(3, 2, 2), jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    >>> g, _ = add_edges(g, [0, 0], [1, 2], [0.5, 0.25], [HEBBIAN, CREATIVE])
+    >>> ids, w, kind, mask = neighbors(g, 0)
+    >>> ids.tolist(), w.tolist(), mask.tolist()
+    ([1, 2], [0.5, 0.25], [True, True])
+    >>> neighbors(g, 0, exclude_synthetic=True)[0].tolist()  # the dream's CREATIVE edge is masked
+    [1, -1]
   """
   ids, w, kind = graph.nbr[node_id], graph.w[node_id], graph.kind[node_id]
   mask = ids >= 0
@@ -560,6 +661,16 @@ def add_edges(graph: Graph, src, dst, weight, kind, *, mode: str = "max"):
 
   Returns:
     `(graph, EdgeUpdate)`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> g, _, _ = add_nodes(init_graph(3, 2, 1), jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    >>> g, rep = add_edges(g, [0, 0, 1], [1, 2, 1], [0.5, 0.75, 0.5], HEBBIAN)  # degree 1
+    >>> g.nbr[:, 0].tolist(), rep.inserted.tolist(), rep.rejected.tolist()  # 1 -> 1 is dropped
+    ([2, -1, -1], [[0, 2]], [[0, 1]])
+    >>> g, rep = add_edges(g, [0], [2], [0.25], HEBBIAN, mode="add")  # an existing edge: w + 0.25
+    >>> float(g.w[0, 0]), rep.updated.tolist()
+    (1.0, [[0, 2]])
   """
   if mode not in ("max", "add"):
     raise ValueError(f"add_edges: mode must be 'max' or 'add', got {mode!r}")
@@ -647,6 +758,14 @@ def to_networkx(graph: Graph, *, include_embeddings: bool = False) -> nx.DiGraph
   Nodes keep their id and statistics (`quality`, `access_count`, `last_access`, `created`,
   `strength`, `domain`, and `emb` if asked); edges keep `weight` and `kind` (a name of
   `EDGE_KINDS`). Edges are directed from the node whose row holds them.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> g, _, _ = add_nodes(init_graph(3, 2, 2), jnp.eye(2), quality=0.5)  # two of three slots
+    >>> g, _ = add_edges(g, [0], [1], [0.5], CONSOLIDATED)
+    >>> nxg = to_networkx(g)
+    >>> sorted(nxg.nodes), list(nxg.edges(data=True)), nxg.nodes[0]["quality"]
+    ([0, 1], [(0, 1, {'weight': 0.5, 'kind': 'CONSOLIDATED'})], 0.5)
   """
   nbr = np.asarray(graph.nbr)
   w = np.asarray(graph.w)
@@ -692,18 +811,41 @@ def to_networkx(graph: Graph, *, include_embeddings: bool = False) -> nx.DiGraph
 
 
 def max_tag(capacity: int) -> int:
-  """How many generations of one slot have distinct ids before they wrap (int32 ids)."""
+  """How many generations of one slot have distinct ids before they wrap (int32 ids).
+
+  Examples:
+    >>> max_tag(100_000), max_tag(100_000) * 100_000 <= 2**31 - 1
+    (21474, True)
+  """
   return (2**31 - 1) // int(capacity)
 
 
 def id_tag(generation, capacity: int):
-  """i32 tag of a slot's generation: 0 for the first memory of the slot (and for generation 0)."""
+  """i32 tag of a slot's generation: 0 for the first memory of the slot (and for generation 0).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> id_tag(jnp.array([0, 1, 2, 3]), 4).tolist()  # the first memory of a slot has tag 0
+    [0, 0, 1, 2]
+    >>> int(id_tag(max_tag(4) + 1, 4))  # tags wrap after max_tag generations
+    0
+  """
   g = jnp.asarray(generation, jnp.int32)
   return jnp.maximum(g - 1, 0) % jnp.int32(max_tag(capacity))
 
 
 def memory_id(graph: Graph, slot):
-  """The stable id of the memory now in `slot` (i32, any shape), -1 where the slot is free."""
+  """The stable id of the memory now in `slot` (i32, any shape), -1 where the slot is free.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> g, _, _ = add_nodes(init_graph(2, 2, 1), jnp.eye(2), time=0)
+    >>> memory_id(g, jnp.array([0, 1, -1])).tolist()  # first use of a slot: the id is the slot
+    [0, 1, -1]
+    >>> g, new, _ = add_node(remove_node(g, 1), jnp.array([1.0, 1.0]), time=0)  # reuses slot 1
+    >>> int(new), int(memory_id(g, 1))  # slot 1 + capacity 2 * tag 1
+    (3, 3)
+  """
   slot = jnp.asarray(slot, jnp.int32)
   n = graph.capacity
   safe = jnp.clip(slot, 0, n - 1)
@@ -713,7 +855,14 @@ def memory_id(graph: Graph, slot):
 
 
 def memory_ids(graph: Graph) -> jax.Array:
-  """i32[N]: the stable id of every slot's memory, -1 for free slots."""
+  """i32[N]: the stable id of every slot's memory, -1 for free slots.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> g, _, _ = add_nodes(init_graph(3, 2, 1), jnp.eye(2), time=0)
+    >>> memory_ids(g).tolist()
+    [0, 1, -1]
+  """
   n = graph.capacity
   slots = jnp.arange(n, dtype=jnp.int32)
   mid = slots + jnp.int32(n) * id_tag(graph.node[..., GENERATION], n)
@@ -721,7 +870,13 @@ def memory_ids(graph: Graph) -> jax.Array:
 
 
 def slot_of(ids, capacity: int):
-  """The slot an id names (`id mod N`), -1 kept for -1 (no check that the memory still lives)."""
+  """The slot an id names (`id mod N`), -1 kept for -1 (no check that the memory still lives).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> slot_of(jnp.array([0, 3, 7, -1]), 2).tolist()
+    [0, 1, 1, -1]
+  """
   ids = jnp.asarray(ids, jnp.int32)
   return jnp.where(ids >= 0, ids % jnp.int32(capacity), jnp.minimum(ids, -1))
 
@@ -729,7 +884,16 @@ def slot_of(ids, capacity: int):
 def resolve_ids(graph: Graph, ids):
   """`(slots, live)` for ids held outside the graph: `live` is False for -1 padding, for ids of
   memories that were evicted or merged away (even when their slot holds a new memory), and for
-  ids that were never issued. Use it to map returned ids back to rows of the graph's arrays."""
+  ids that were never issued. Use it to map returned ids back to rows of the graph's arrays.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> g, _, _ = add_nodes(init_graph(2, 2, 1), jnp.eye(2), time=0)
+    >>> g, new, _ = add_node(remove_node(g, 1), jnp.array([1.0, 1.0]), time=0)  # id 1 is gone
+    >>> slots, live = resolve_ids(g, jnp.array([0, 1, int(new), -1]))
+    >>> slots.tolist(), live.tolist()  # id 1's slot now holds id 3
+    ([0, 1, 1, -1], [True, False, True, False])
+  """
   ids = jnp.asarray(ids, jnp.int32)
   n = graph.capacity
   slots = slot_of(ids, n)
@@ -749,6 +913,17 @@ def place_node(graph: Graph, slot, embedding, *, quality, time, domain, generati
   `add_node` chooses the slot; this repeats a choice already made, so that replaying a recorded
   addition on another version of the state (the driver's journal after a Loop B/C cycle) gives
   the memory the same id as the first time. The input graph is donated.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> e = jnp.array([0.0, 3.0])
+    >>> g = place_node(init_graph(3, 2, 1), 2, e, quality=0.5, time=7, domain=1, generation=2)
+    >>> int(memory_id(g, 2)), g.emb[2].tolist(), int(g.created[2])  # id 2 + 3 * tag(2)
+    (5, [0.0, 1.0], 7)
+    >>> g1, _, _ = add_node(init_graph(3, 2, 1), e, quality=0.5, time=7)  # replaying a choice
+    >>> g2 = place_node(init_graph(3, 2, 1), 0, e, quality=0.5, time=7, domain=0, generation=1)
+    >>> bool((g1.node == g2.node).all() & (g1.emb == g2.emb).all() & (g1.edges == g2.edges).all())
+    True
   """
   slot = jnp.asarray(slot, jnp.int32)
   k = graph.degree

@@ -84,6 +84,14 @@ def init_lora(key: jax.Array, d_in: int, d_out: int, rank: int, *, init: str = "
   Raises:
     ValueError: naming the argument, for a non-positive or non-int size, a rank above
       `min(d_in, d_out)`, or an unknown `init`.
+
+  Examples:
+    >>> import jax
+    >>> adapter = init_lora(jax.random.key(0), 4, 3, 2)
+    >>> adapter.a.shape, adapter.b.shape
+    ((4, 2), (2, 3))
+    >>> float(abs(adapter.b).sum())  # B = 0: the adapted output equals the base output
+    0.0
   """
   _check_positive_int("d_in", d_in)
   _check_positive_int("d_out", d_out)
@@ -116,6 +124,12 @@ def delta(lora: LoRA, x: jax.Array, *, scale) -> jax.Array:
 
   Returns:
     f32[..., d_out].
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> adapter = LoRA(a=jnp.array([[1.0], [2.0]]), b=jnp.array([[3.0, 0.5]]))  # r 1, d 2 -> 2
+    >>> delta(adapter, jnp.array([1.0, 1.0]), scale=2.0).tolist()  # 2 * (1 + 2) * [3, 0.5]
+    [18.0, 3.0]
   """
   _check_last_dim("x", x, lora.a.shape[0])
   return scale * ((x @ lora.a) @ lora.b)
@@ -137,6 +151,15 @@ def apply(lora: LoRA, x: jax.Array, y0: jax.Array, *, scale) -> jax.Array:
 
   Returns:
     f32[..., d_out].
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> adapter = LoRA(a=jnp.array([[1.0], [2.0]]), b=jnp.array([[3.0, 0.5]]))
+    >>> apply(adapter, jnp.array([1.0, 1.0]), jnp.array([1.0, -1.0]), scale=2.0).tolist()
+    [19.0, 2.0]
+    >>> fresh = init_lora(jax.random.key(0), 2, 2, 1)  # B = 0: y0 comes back exactly
+    >>> apply(fresh, jnp.array([1.0, 1.0]), jnp.array([1.0, -1.0]), scale=2.0).tolist()
+    [1.0, -1.0]
   """
   _check_last_dim("y0", y0, lora.b.shape[1])
   return y0 + delta(lora, x, scale=scale)
@@ -157,6 +180,19 @@ def lora_grads(lora: LoRA, x: jax.Array, g: jax.Array, *, scale) -> LoRA:
 
   Returns:
     `LoRA(a=dA: f32[d_in, r], b=dB: f32[r, d_out])`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> adapter = LoRA(a=jnp.array([[1.0], [2.0]]), b=jnp.array([[3.0, 0.5]]))
+    >>> x, g = jnp.array([1.0, 1.0]), jnp.array([1.0, 0.0])
+    >>> grads = lora_grads(adapter, x, g, scale=2.0)
+    >>> grads.b.tolist()  # s (x A)^T g = 2 * 3 * [1, 0]
+    [[6.0, 0.0]]
+    >>> grads.a.tolist()  # s x^T (g B^T) = 2 * [1, 1]^T * 3
+    [[6.0], [6.0]]
+    >>> auto = jax.grad(lambda l: jnp.dot(g, delta(l, x, scale=2.0)))(adapter)  # autodiff agrees
+    >>> bool(jnp.allclose(auto.a, grads.a) & jnp.allclose(auto.b, grads.b))
+    True
   """
   _check_last_dim("x", x, lora.a.shape[0])
   _check_last_dim("g", g, lora.b.shape[1])
@@ -211,6 +247,19 @@ def micro_update_with_norm(
   Returns:
     `(new_micro, step_norm)` with `step_norm: f32[]` the unclipped `sqrt(|step_A|^2 + |step_B|^2)`
     (it may be `inf` when that overflows f32).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> micro = LoRA(a=jnp.array([[1.0], [2.0]]), b=jnp.array([[3.0, 0.5]]))
+    >>> x, g = jnp.array([1.0, 1.0]), jnp.array([1.0, 0.0])
+    >>> new, norm = micro_update_with_norm(micro, x, g, 0.5, scale=2.0)  # step = 0.5 * lora_grads
+    >>> new.a.round(4).tolist(), new.b.round(4).tolist()
+    ([[-2.0], [-1.0]], [[0.0, 0.5]])
+    >>> round(float(norm) ** 2, 3)  # |step_A|^2 + |step_B|^2 = (9 + 9) + 9
+    27.0
+    >>> clipped, _ = micro_update_with_norm(micro, x, g, 0.5, scale=2.0, clip=1.0)  # per factor
+    >>> [round(float(jnp.linalg.norm(new - old)), 4) for new, old in zip(clipped, micro)]
+    [1.0, 1.0]
   """
   x = jnp.asarray(x, jnp.float32)
   g = jnp.asarray(g, jnp.float32)
@@ -290,6 +339,17 @@ def micro_update_fast(
 
   Returns:
     `(new_micro, step_norm)`, `step_norm` the unclipped norm of the whole step.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> micro = LoRA(a=jnp.array([[1.0], [2.0]]), b=jnp.array([[3.0, 0.5]]))
+    >>> x, g = jnp.array([1.0, 1.0]), jnp.array([1.0, 0.0])
+    >>> fast, fast_norm = micro_update_fast(micro, x, g, 0.5, scale=2.0, clip=1.0)
+    >>> slow, slow_norm = micro_update_with_norm(micro, x, g, 0.5, scale=2.0, clip=1.0)
+    >>> bool(jnp.allclose(fast.a, slow.a) & jnp.allclose(fast.b, slow.b))
+    True
+    >>> round(float(fast_norm) ** 2, 3), round(float(slow_norm) ** 2, 3)
+    (27.0, 27.0)
   """
   coef = jnp.asarray(lr, jnp.float32) * jnp.asarray(weight, jnp.float32) * scale
   xa = x @ micro.a if xa is None else xa  # [r]
@@ -335,6 +395,13 @@ def micro_update(
 
   Returns:
     The updated `LoRA`, same shapes.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> micro = LoRA(a=jnp.array([[1.0], [2.0]]), b=jnp.array([[3.0, 0.5]]))
+    >>> new = micro_update(micro, jnp.array([1.0, 1.0]), jnp.array([1.0, 0.0]), 0.5, scale=2.0)
+    >>> new.b.round(4).tolist()  # B - 0.5 * s (x A)^T g = [3, 0.5] - [3, 0]
+    [[0.0, 0.5]]
   """
   new_micro, _ = micro_update_with_norm(micro, x, g, lr, weight, scale=scale, clip=clip)
   return new_micro
@@ -372,6 +439,18 @@ def consolidate(
 
   Returns:
     `(new_base, new_micro)` with the input shapes; `new_micro.b` is zero.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> k_base, k_micro = jax.random.split(jax.random.key(0))
+    >>> base = init_lora(k_base, 6, 5, 4)  # rank 4, B = 0
+    >>> micro = LoRA(a=jax.random.normal(k_micro, (6, 2)), b=jnp.ones((2, 5)))  # rank 2
+    >>> new_base, new_micro = consolidate(base, micro, 1.0)
+    >>> new_base.a.shape, new_base.b.shape, float(abs(new_micro.b).sum())
+    ((6, 4), (4, 5), 0.0)
+    >>> dense = lambda l: l.a @ l.b  # rate 1 and rank <= 4: the weight update is kept exactly
+    >>> bool(jnp.allclose(dense(new_base), dense(base) + dense(micro), atol=1e-5))
+    True
   """
   d_in, r_b = base.a.shape
   d_out = base.b.shape[1]
@@ -408,6 +487,10 @@ def consolidation_rate(mean_quality) -> jax.Array:
 
   Returns:
     f32[] rate for `consolidate`.
+
+  Examples:
+    >>> consolidation_rate(0.9).item(), consolidation_rate(0.5).item()
+    (1.0, 0.25)
   """
   q = jnp.asarray(mean_quality, jnp.float32)
   return jnp.where(q > 0.7, jnp.float32(1.0), jnp.float32(0.5) * q)
@@ -424,6 +507,16 @@ def merge_into(w0: jax.Array, lora: LoRA, *, scale=1.0) -> jax.Array:
 
   Returns:
     f32[d_in, d_out].
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> adapter = LoRA(a=jnp.array([[1.0], [2.0]]), b=jnp.array([[3.0, 0.5]]))
+    >>> w = merge_into(jnp.eye(2), adapter, scale=2.0)  # I + 2 [[3, 0.5], [6, 1]]
+    >>> w.tolist()
+    [[7.0, 1.0], [12.0, 3.0]]
+    >>> x = jnp.array([1.0, -1.0])  # the merged weight gives the adapted output
+    >>> bool(jnp.allclose(x @ w, apply(adapter, x, x @ jnp.eye(2), scale=2.0)))
+    True
   """
   if w0.shape != (lora.a.shape[0], lora.b.shape[1]):
     raise ValueError(f"w0 must have shape {(lora.a.shape[0], lora.b.shape[1])}, got {w0.shape}")

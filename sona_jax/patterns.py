@@ -175,6 +175,16 @@ def kmeans_pp(key, x, k: int, *, n_iter=50, tol=1e-4, weights=None) -> KMeansRes
 
   Returns:
     `KMeansResult(centroids f32[k, d], labels i32[n], inertia f32[], n_iter i32[])`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> x = jnp.array([[1.0, 0.1], [2.0, 0.0], [0.0, 1.0], [0.1, 3.0]])  # two directions
+    >>> km = kmeans_pp(jax.random.key(0), x, 2)
+    >>> a, b, c, d = km.labels.tolist()
+    >>> a == b, c == d, a != c  # clustered by direction, not by length
+    (True, True, True)
+    >>> jnp.linalg.norm(km.centroids, axis=1).round(4).tolist()  # centroids on the unit sphere
+    [1.0, 1.0]
   """
   x = jnp.asarray(x, jnp.float32)
   if x.ndim != 2:
@@ -200,6 +210,13 @@ def lloyd(x, centroids, *, n_iter=50, tol=1e-4, weights=None) -> KMeansResult:
 
   Returns:
     `KMeansResult`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[1.0, 0.1], [2.0, 0.0], [0.0, 1.0], [0.1, 3.0]])
+    >>> km = lloyd(x, jnp.array([[1.0, 0.0], [0.0, 1.0]]))  # a warm start
+    >>> km.labels.tolist(), jnp.argmax(km.centroids, axis=1).tolist()
+    ([0, 0, 1, 1], [0, 1])
   """
   x = jnp.asarray(x, jnp.float32)
   xn = _normalize(x)
@@ -246,7 +263,15 @@ class Bank(NamedTuple):
 
 
 def init_bank(capacity: int, dim: int, n_tiers: int) -> Bank:
-  """An empty bank of `capacity` slots for `dim`-dimensional patterns over `n_tiers` tiers."""
+  """An empty bank of `capacity` slots for `dim`-dimensional patterns over `n_tiers` tiers.
+
+  Examples:
+    >>> bank = init_bank(4, 3, 2)
+    >>> bank.capacity, bank.centroid.shape, bank.tier_count.shape
+    (4, (4, 3), (4, 2))
+    >>> int(bank.alive.sum()), bank.parent.tolist()  # empty; no parents
+    (0, [-1, -1, -1, -1])
+  """
   for name, v in (("capacity", capacity), ("dim", dim), ("n_tiers", n_tiers)):
     if not isinstance(v, int) or v < 1:
       raise ValueError(f"init_bank: {name} must be a positive int, got {v!r}")
@@ -299,6 +324,17 @@ def pattern_stats(x, labels, k: int, quality, tier, success, n_tiers: int, weigh
 
   Returns:
     `PatternStats(size f32[k], avg_quality f32[k], tier_success f32[k, T], tier_count f32[k, T])`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> labels = jnp.array([0, 0, 1, -1])  # the last row is in no cluster
+    >>> quality, tier = jnp.array([0.5, 1.0, 0.25, 0.75]), jnp.array([0, 1, 1, 0])
+    >>> success = jnp.array([1.0, 0.0, 1.0, 1.0])
+    >>> s = pattern_stats(jnp.zeros((4, 8)), labels, 2, quality, tier, success, 2)
+    >>> s.size.tolist(), s.avg_quality.tolist()
+    ([2.0, 1.0], [0.75, 0.25])
+    >>> s.tier_count.tolist(), s.tier_success.tolist()
+    ([[1.0, 1.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]])
   """
   n = jnp.shape(x)[0]
   w = _weights(weights, n)
@@ -335,6 +371,15 @@ def pattern_value(bank: Bank, now, half_life_s=7 * 86_400.0) -> jax.Array:
   """f32[P] eviction value `avg_quality * log(1 + size) * 0.5^((now - last_access) / half_life)`.
 
   Dead slots get +inf (never evicted: a free slot is taken before any eviction).
+
+  Examples:
+    >>> import math
+    >>> import jax.numpy as jnp
+    >>> bank = init_bank(2, 2, 1)._replace(alive=jnp.array([True, False]))
+    >>> bank = bank._replace(size=jnp.array([3.0, 0.0]), avg_quality=jnp.array([0.5, 0.0]))
+    >>> v = pattern_value(bank, 86_400, half_life_s=86_400.0)  # one half-life since last access
+    >>> math.isclose(float(v[0]), 0.5 * math.log(1 + 3) * 0.5, rel_tol=1e-6), float(v[1])
+    (True, inf)
   """
   idle = (jnp.asarray(now, jnp.int32) - bank.last_access).astype(jnp.float32)
   recency = jnp.exp2(-idle / jnp.asarray(half_life_s, jnp.float32))
@@ -425,6 +470,22 @@ def merge_patterns(
 
   Returns:
     `(bank, MergeReport)`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> bank = init_bank(2, 2, 1)
+    >>> new = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]])  # the third is near the first
+    >>> sizes, quality = jnp.array([1.0, 1.0, 3.0]), jnp.array([0.5, 1.0, 0.75])
+    >>> ones, valid = jnp.ones((3, 1)), jnp.array([True, True, True])
+    >>> bank, rep = merge_patterns(bank, new, sizes, quality, ones, ones, valid, now=10)
+    >>> int(rep.n_inserted), int(rep.n_merged), rep.slot.tolist()
+    (2, 1, [0, 1, 0])
+    >>> bank.size.tolist(), bank.avg_quality.tolist(), bank.tier_count[:, 0].tolist()
+    ([4.0, 1.0], [0.6875, 1.0], [2.0, 1.0])
+    >>> one = jnp.ones((1, 1))  # the bank is full: the lowest-value pattern (slot 1) makes room
+    >>> bank, rep = merge_patterns(bank, -new[:1], one[0], one[0], one, one, valid[:1], now=10)
+    >>> int(rep.n_evicted), rep.evicted.tolist()
+    (1, [1])
   """
   now = jnp.asarray(now, jnp.int32)
   threshold = jnp.asarray(merge_threshold, jnp.float32)
@@ -456,6 +517,16 @@ def find_patterns(bank: Bank, query, k: int):
   Returns:
     `(ids i32[..., k], scores f32[..., k])`, best first; when fewer than `k` patterns are alive the
     tail has id -1 and score -inf.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> bank = init_bank(3, 2, 1)._replace(alive=jnp.array([True, True, False]))
+    >>> bank = bank._replace(centroid=jnp.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    >>> ids, scores = find_patterns(bank, jnp.array([3.0, 1.0]), 3)
+    >>> ids.tolist(), [round(s, 4) for s in scores.tolist()]  # cosines 3/sqrt(10), 1/sqrt(10)
+    ([0, 1, -1], [0.9487, 0.3162, -inf])
+    >>> find_patterns(bank, jnp.ones((5, 2)), 2)[0].shape  # a batch of queries
+    (5, 2)
   """
   q = _normalize(jnp.asarray(query, jnp.float32))
   # `centroid @ q.T`, not `q @ centroid.T`: for one query XLA:CPU made the latter a slow
@@ -510,14 +581,15 @@ def tier_estimates(bank: Bank, query, prior, *, k: int, temperature, strength) -
   Returns:
     `TierEstimate(mean, alpha, beta, evidence)`.
 
-  >>> b = init_bank(2, 2, 2)
-  >>> b = b._replace(centroid=jnp.eye(2), alive=jnp.array([True, True]),
-  ...                tier_success=jnp.array([[3.0, 0.0], [0.0, 0.0]]),
-  ...                tier_count=jnp.array([[4.0, 0.0], [0.0, 0.0]]))
-  >>> e = tier_estimates(b, jnp.array([1.0, 0.0]), jnp.array([0.5, 0.5]), k=1,
-  ...                    temperature=0.1, strength=2.0)
-  >>> [round(v, 4) for v in e.mean.tolist()]  # (3 + 2 * 0.5) / (4 + 2); the prior when untried
-  [0.6667, 0.5]
+  Examples:
+    >>> b = init_bank(2, 2, 2)
+    >>> b = b._replace(centroid=jnp.eye(2), alive=jnp.array([True, True]),
+    ...                tier_success=jnp.array([[3.0, 0.0], [0.0, 0.0]]),
+    ...                tier_count=jnp.array([[4.0, 0.0], [0.0, 0.0]]))
+    >>> e = tier_estimates(b, jnp.array([1.0, 0.0]), jnp.array([0.5, 0.5]), k=1,
+    ...                    temperature=0.1, strength=2.0)
+    >>> [round(v, 4) for v in e.mean.tolist()]  # (3 + 2 * 0.5) / (4 + 2); the prior when untried
+    [0.6667, 0.5]
   """
   # Extracted patterns only: a Loop C abstraction's record is the sum of its members', so counting
   # it beside them would count the same requests twice.
@@ -604,6 +676,12 @@ def record_access(bank: Bank, ids, now) -> Bank:
 
   Returns:
     The bank.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> bank = record_access(init_bank(3, 2, 1), jnp.array([2, 0, 2, -1]), 100)
+    >>> bank.access_count.tolist(), bank.last_access.tolist()
+    ([1, 0, 2], [100, 0, 100])
   """
   ids = jnp.asarray(ids, jnp.int32).reshape(-1)
   p = bank.capacity
@@ -614,7 +692,20 @@ def record_access(bank: Bank, ids, now) -> Bank:
 
 
 def export(bank: Bank) -> list[dict]:
-  """Host-side export of the alive patterns as plain JSON-able dicts (floats, ints, lists)."""
+  """Host-side export of the alive patterns as plain JSON-able dicts (floats, ints, lists).
+
+  Examples:
+    >>> import json
+    >>> import jax.numpy as jnp
+    >>> c, one = jnp.array([[0.0, 2.0]]), jnp.ones(1)
+    >>> bank, _ = merge_patterns(init_bank(3, 2, 1), c, 4 * one, one / 2, 3 * one[:, None],
+    ...                          4 * one[:, None], one > 0, now=7)
+    >>> rows = export(bank)
+    >>> len(rows), rows[0]["id"], rows[0]["centroid"], rows[0]["size"], rows[0]["tier_success"]
+    (1, 0, [0.0, 1.0], 4.0, [3.0])
+    >>> json.loads(json.dumps(rows)) == rows  # plain JSON
+    True
+  """
   b = jax.tree.map(np.asarray, bank)
   out = []
   for i in np.flatnonzero(b.alive):

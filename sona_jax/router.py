@@ -76,6 +76,17 @@ def fastgrnn_cell(cell: dict, h_tm1: jax.Array, x_t: jax.Array) -> jax.Array:
 
   Returns:
     f32[H], the new hidden state `h_t`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> cell = {"W": jnp.zeros((3, 2)), "U": jnp.zeros((2, 2)), "b_z": jnp.zeros(2)}
+    >>> cell.update(b_h=jnp.zeros(2), zeta=jnp.float32(1.0), nu=jnp.float32(-4.0))
+    >>> fastgrnn_cell(cell, jnp.array([1.0, -2.0]), jnp.ones(3)).tolist()  # z = 1/2, h~ = 0
+    [0.5, -1.0]
+    >>> params = FastGRNN(hidden=4).init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+    >>> h = FastGRNN(hidden=4).apply({"params": params}, jnp.ones((1, 3)))  # one step from h_0 = 0
+    >>> bool(jnp.allclose(h, fastgrnn_cell(params, jnp.zeros(4), jnp.ones(3))))
+    True
   """
   wx = x_t @ cell["W"] if "W" in cell else (x_t @ cell["W1"]) @ cell["W2"]
   uh = h_tm1 @ cell["U"] if "U" in cell else (h_tm1 @ cell["U1"]) @ cell["U2"]
@@ -184,7 +195,17 @@ class RouterApply:
 def router_apply_fn(
   n_tiers: int, *, hidden: int = 16, w_rank: int | None = None, u_rank: int | None = None
 ) -> RouterApply:
-  """The `apply_fn` matching `init_router` with the same arguments."""
+  """The `apply_fn` matching `init_router` with the same arguments.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> apply_fn = router_apply_fn(3, hidden=4)
+    >>> apply_fn == router_apply_fn(3, hidden=4)  # equal configurations: one static jit argument
+    True
+    >>> state = init_router(jax.random.key(0), 5, 3, optax.sgd(0.1), hidden=4)
+    >>> apply_fn(state.params, jnp.ones((2, 5))).shape  # T = 2 feature vectors -> 3 tier logits
+    (3,)
+  """
   return RouterApply(hidden, n_tiers, w_rank, u_rank)
 
 
@@ -226,6 +247,14 @@ def init_router(
 
   Raises:
     ValueError: naming the argument, for a non-positive size or rank.
+
+  Examples:
+    >>> import jax, optax
+    >>> state = init_router(jax.random.key(0), 5, 3, optax.sgd(0.1), hidden=4, w_rank=2)
+    >>> state.params["cell"]["W1"].shape, state.params["cell"]["W2"].shape
+    ((5, 2), (2, 4))
+    >>> state.params["head"]["kernel"].shape, state.params["head"]["bias"].shape
+    ((4, 3), (3,))
   """
   for name, value in (("n_features", n_features), ("n_tiers", n_tiers), ("hidden", hidden)):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
@@ -261,6 +290,14 @@ def router_features(
 
   Returns:
     f32[..., P + 2 + n_tiers]: `[query_proj, log1p(tokens), latency_ratio, pattern_tier_rates]`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> f = router_features(jnp.array([0.5, -0.5]), 0, 9.0, jnp.array([0.25, jnp.nan, 1.5]))
+    >>> f.tolist()  # [query_proj, log1p(0), 9 clipped to 4, rates: NaN reads 0.5, clipped to 1]
+    [0.5, -0.5, 0.0, 4.0, 0.25, 0.5, 1.0]
+    >>> router_features(jnp.zeros((8, 2)), jnp.zeros(8), jnp.ones(8), jnp.zeros((8, 3))).shape
+    (8, 7)
   """
   query_proj = jnp.asarray(query_proj, jnp.float32)
   tokens = jnp.maximum(jnp.asarray(context_tokens, jnp.float32), 0.0)
@@ -281,6 +318,16 @@ def predict(params, apply_fn: Callable, x_seq: jax.Array) -> jax.Array:
 
   Returns:
     f32[n_tiers], or f32[B, n_tiers] for a batch.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> state = init_router(jax.random.key(0), 5, 3, optax.sgd(0.1), hidden=4)
+    >>> apply_fn = router_apply_fn(3, hidden=4)
+    >>> p = predict(state.params, apply_fn, jnp.ones((1, 5)))
+    >>> p.shape, bool(jnp.allclose(p, jax.nn.sigmoid(apply_fn(state.params, jnp.ones((1, 5))))))
+    ((3,), True)
+    >>> predict(state.params, apply_fn, jnp.ones((8, 1, 5))).shape  # a batch of 8 requests
+    (8, 3)
   """
   if x_seq.ndim == 3:
     logits = jax.vmap(apply_fn, in_axes=(None, 0))(params, x_seq)
@@ -308,6 +355,17 @@ def route(probs: jax.Array, tier_costs: jax.Array, threshold, key: jax.Array, ep
 
   Returns:
     i32[] the chosen tier.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> probs, costs = jnp.array([0.7, 0.95, 0.99]), jnp.array([1.0, 3.0, 10.0])
+    >>> route(probs, costs, 0.9, jax.random.key(0), 0.0).item()  # the cheapest tier clearing 0.9
+    1
+    >>> route(probs, costs, 0.999, jax.random.key(0), 0.0).item()  # none clears it: the most likely
+    2
+    >>> keys = jax.random.split(jax.random.key(1), 30)
+    >>> sorted({route(probs, costs, 0.9, k, 1.0).item() for k in keys})  # epsilon 1: uniform
+    [0, 1, 2]
   """
   probs = jnp.asarray(probs, jnp.float32)
   greedy = decide(probs, tier_costs, threshold, jnp.nan)  # the threshold rule
@@ -330,10 +388,11 @@ def decide(probs: jax.Array, tier_costs: jax.Array, threshold, cost_weight) -> j
 
   Non-finite probabilities count as 0.
 
-  >>> decide(jnp.array([0.7, 0.95, 0.99]), jnp.array([1.0, 3.0, 10.0]), 0.9, jnp.nan).item()
-  1
-  >>> decide(jnp.array([0.7, 0.95, 0.99]), jnp.array([1.0, 3.0, 10.0]), 0.9, 0.2).item()
-  0
+  Examples:
+    >>> decide(jnp.array([0.7, 0.95, 0.99]), jnp.array([1.0, 3.0, 10.0]), 0.9, jnp.nan).item()
+    1
+    >>> decide(jnp.array([0.7, 0.95, 0.99]), jnp.array([1.0, 3.0, 10.0]), 0.9, 0.2).item()
+    0
   """
   probs = jnp.asarray(probs, jnp.float32)
   probs = jnp.where(jnp.isfinite(probs), probs, 0.0)
@@ -380,6 +439,17 @@ def choose(
     epsilon: f32[] uniform exploration probability in [0, 1].
     thompson: bool[] sample the posteriors (traced).
     n_samples: posterior draws for the propensity (static).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> alpha, beta = jnp.array([90.0, 99.0]), jnp.array([10.0, 1.0])  # posterior means 0.9, 0.99
+    >>> costs, key = jnp.array([1.0, 5.0]), jax.random.key(0)
+    >>> tier, p = choose(alpha, beta, costs, 0.85, jnp.nan, key, 0.0, False)
+    >>> tier.item(), p.item()  # the means, no exploration: the cheap tier, with certainty
+    (0, 1.0)
+    >>> tier, p = choose(alpha, beta, costs, 0.85, jnp.nan, key, 0.5, False)
+    >>> p.item() == (0.5 / 2 + 0.5 if tier.item() == 0 else 0.5 / 2)  # epsilon / T + (1 - eps) P
+    True
   """
   alpha = jnp.maximum(jnp.asarray(alpha, jnp.float32), 1e-6)
   beta = jnp.maximum(jnp.asarray(beta, jnp.float32), 1e-6)
@@ -437,6 +507,24 @@ def router_step(
 
   Returns:
     `(new_state, loss)`, the loss f32[] at the parameters before the step (0 with no valid sample).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> opt, apply_fn = optax.sgd(0.5), router_apply_fn(2, hidden=4)
+    >>> state = init_router(jax.random.key(0), 3, 2, opt, hidden=4)
+    >>> x = jnp.ones((4, 1, 3))  # four requests, T = 1, F = 3
+    >>> tier, success = jnp.array([0, 0, 1, 1]), jnp.array([1.0, 1.0, 0.0, 0.0])
+    >>> step = jax.jit(router_step, static_argnums=(1, 2))
+    >>> state, first = step(state, apply_fn, opt, x, tier, success, jnp.ones(4))
+    >>> for _ in range(30):
+    ...   state, loss = step(state, apply_fn, opt, x, tier, success, jnp.ones(4))
+    >>> bool(loss < first)
+    True
+    >>> p = predict(state.params, apply_fn, x[0])  # tier 0 served well, tier 1 failed
+    >>> bool(p[0] > 0.5 > p[1])
+    True
+    >>> step(state, apply_fn, opt, x, tier, success, jnp.zeros(4))[1].item()  # all padding
+    0.0
   """
   if x_seq_batch.ndim != 3:
     raise ValueError(f"x_seq_batch must be f32[B, T, F], got shape {x_seq_batch.shape}")

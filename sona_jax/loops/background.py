@@ -151,6 +151,22 @@ def signal_features(sig: types.Signal, bank: patterns.Bank, router_proj, cfg: So
 
   The projected query, log context tokens, latency ratio, and the per-tier success rates of the
   nearest pattern in the bank (NaN, read as 0.5 by `router_features`, when it has no record).
+
+  Examples:
+    >>> import jax, sona_jax as sona
+    >>> from sona_jax import buffer, types
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8)
+    >>> state = sona.init_state(cfg, jax.random.key(0))
+    >>> it = sona.make_interaction(cfg, query=[1.0] * 8, quality=0.9, latency_ms=200.0,
+    ...                            target_latency_ms=100.0, context_tokens=0, time=0)
+    >>> state, _ = sona.instant_step(state, it, cfg)
+    >>> _, rows, mask = buffer.consume(state.signals)  # the drained signals, padded to capacity
+    >>> feats = signal_features(types.unpack_signals(rows, cfg), state.bank, state.router_proj, cfg)
+    >>> feats.shape == (cfg.signal_capacity, 1, cfg.router_proj_dim + 2 + cfg.n_tiers)
+    True
+    >>> p = cfg.router_proj_dim  # after the projected query: log1p(tokens), latency ratio, rates
+    >>> feats[0, 0, p:].tolist()  # an empty bank: no pattern record, so each rate reads 0.5
+    [0.0, 2.0, 0.5, 0.5, 0.5]
   """
   q = sig.query
   ids, _ = patterns.find_patterns(bank, q, 1)
@@ -533,5 +549,26 @@ def background_step(state: SonaState, cfg: SonaConfig, now, *, force: bool = Fal
 
   Returns:
     `(state, BackgroundReport)`; when skipped, `state` is returned unchanged.
+
+  Examples:
+    >>> import jax, sona_jax as sona
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8,
+    ...                       min_samples=4, pattern_clusters=2, bank_capacity=4, router_steps=2,
+    ...                       router_batch=4, fisher_samples=4)
+    >>> state = sona.init_state(cfg, jax.random.key(0))
+    >>> state, report = background_step(state, cfg, now=0)
+    >>> report.ran, report.reason
+    (False, '0 signals waiting, 4 needed (cfg.min_samples)')
+    >>> g = [0.5, -0.5] * 4  # supervised interactions, so the micro-LoRA learns
+    >>> for i in range(4):
+    ...   it = sona.make_interaction(cfg, query=[i + 1.0, 1.0] * 4, quality=0.9, grad=g, time=i)
+    ...   state, _ = sona.instant_step(state, it, cfg)
+    >>> state, report = background_step(state, cfg, now=3600)
+    >>> report.ran, report.n_signals, report.consolidation_rate, report.patterns_inserted > 0
+    (True, 4, 1.0, True)
+    >>> float(abs(state.micro.b).sum()), bool(abs(state.base.b).sum() > 0)  # micro folded into base
+    (0.0, True)
+    >>> background_step(state, cfg, now=7200, force=True)[1].ran  # each signal is drained once
+    False
   """
   return background_cycle(state, cfg, now, cycle_phases(cfg), force=force)

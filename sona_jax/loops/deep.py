@@ -9,8 +9,9 @@ report, and times each:
    `mode="add"`: an existing edge keeps its kind, a missing one is inserted as `CONSOLIDATED`);
    low-value old memories (access < `decay_max_access`, age > `decay_min_age_days`) have their
    strength multiplied by `decay_factor`;
-2. abstraction (`concepts.abstract_patterns`), 3. dreams (`concepts.dream`), 4. cross-domain
-   transfer (`concepts.transfer`);
+2. abstraction (`concepts.abstract_patterns`);
+3. dreams (`concepts.dream`);
+4. cross-domain transfer (`concepts.transfer`);
 5. compression (`compress_memory`): near-duplicates (cosine >= `dedup_threshold`) are merged, then
    edges below `prune_threshold` are pruned;
 6. the integrated-information proxy (`phi.graph_phi`).

@@ -139,7 +139,16 @@ class InstantReport(NamedTuple):
     return self.values[..., R_EDGES_CHANGED].astype(jnp.int32)
 
   def reason_names(self) -> list[str]:
-    """Names of the rejection reasons of a single (unbatched) report; [] when accepted."""
+    """Names of the rejection reasons of a single (unbatched) report; [] when accepted.
+
+    Examples:
+      >>> import numpy as np
+      >>> bits = np.array([BAD_QUALITY | BAD_IDS], np.int32).view(np.float32)[0]
+      >>> InstantReport(np.array([0.0, bits, 0.0, 0.0, 0.0], np.float32)).reason_names()
+      ['BAD_QUALITY', 'BAD_IDS']
+      >>> InstantReport(np.array([1.0, 0.0, 1.0, 0.5, 2.0], np.float32)).reason_names()
+      []
+    """
     bits = int(np.asarray(self.values).view(np.int32)[R_REASONS])
     return [name for name, bit in REASONS.items() if bits & bit]
 
@@ -847,6 +856,22 @@ def step_packed(state: SonaState, packed, cfg: SonaConfig):
     state: the current `SonaState` (Loop A part donated).
     packed: f32[packed_width(cfg)].
     cfg: the config (static).
+
+  Examples:
+    >>> import jax, sona_jax as sona
+    >>> from sona_jax import types
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8)
+    >>> state = sona.init_state(cfg, jax.random.key(0))
+    >>> packed = types.pack(sona.make_interaction(cfg, query=[1.0] * 8, quality=0.9), cfg)
+    >>> packed.shape == (types.packed_width(cfg),)
+    True
+    >>> state, report = step_packed(state, types.stamp(packed, cfg, now=60), cfg)
+    >>> bool(report.accepted), int(state.step), int(state.metrics.last_time)
+    (True, 1, 60)
+    >>> bad = types.pack(sona.make_interaction(cfg, query=[1.0] * 8, quality=float("nan")), cfg)
+    >>> state, report = step_packed(state, bad, cfg)  # masked and counted, never applied
+    >>> bool(report.accepted), "BAD_QUALITY" in report.reason_names(), int(state.step)
+    (False, True, 1)
   """
   step = _step if _traced(packed, state) else _jitted()[0]  # inside a user's jit: inline
   sub, report = step(_split(state), state.base, state.graph.emb, packed, cfg)
@@ -866,6 +891,22 @@ def instant_scan(state: SonaState, interactions: types.Interaction, cfg: SonaCon
 
   Returns:
     `(state, report)` with `report.values` of shape `[batch, 5]`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, sona_jax as sona
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8)
+    >>> q, g = [[i + 1.0] * 8 for i in range(4)], [0.5, -0.5] * 4  # supervised: dL/dy given
+    >>> its = [sona.make_interaction(cfg, query=x, quality=0.9, grad=g, time=0) for x in q]
+    >>> state = sona.init_state(cfg, jax.random.key(0))
+    >>> state, report = instant_scan(state, sona.stack_interactions(its), cfg)
+    >>> report.values.shape, report.micro_updated.tolist(), int(state.step)
+    ((4, 5), [True, True, True, True], 4)
+    >>> one_by_one = sona.init_state(cfg, jax.random.key(0))  # the same as instant_step in order
+    >>> for it in its:
+    ...   one_by_one, _ = sona.instant_step(one_by_one, it, cfg)
+    >>> bool(jnp.allclose(state.micro.a, one_by_one.micro.a) & jnp.allclose(state.micro.b,
+    ...                                                                     one_by_one.micro.b))
+    True
   """
   _check_state(state, cfg)
   return scan_packed(state, types.pack(interactions, cfg, batched=True), cfg)
@@ -881,6 +922,17 @@ def scan_packed(state: SonaState, packed, cfg: SonaConfig, *, n_valid=None):
     packed: f32[B, packed_width(cfg)].
     cfg: the config (static).
     n_valid: how many leading rows are real (all when None); traced, so it never recompiles.
+
+  Examples:
+    >>> import jax, sona_jax as sona
+    >>> from sona_jax import types
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8)
+    >>> its = [sona.make_interaction(cfg, query=[1.0] * 8, quality=0.9, time=i) for i in range(4)]
+    >>> packed = types.pack(sona.stack_interactions(its), cfg, batched=True)  # f32[4, width]
+    >>> state = sona.init_state(cfg, jax.random.key(0))
+    >>> state, report = scan_packed(state, packed, cfg, n_valid=3)  # the last row is padding
+    >>> int(state.step), report.accepted.tolist()
+    (3, [True, True, True, False])
   """
   n = packed.shape[0] if n_valid is None else n_valid
   n = jnp.asarray(n, jnp.int32)
