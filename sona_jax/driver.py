@@ -304,24 +304,27 @@ def route(
 def tier_success(state: SonaState, query, cfg: SonaConfig, *, context_tokens=0, latency_ratio=1.0):
   """The estimated success probability of every tier for `query`: f32[n_tiers].
 
-  `route`'s `probs` without a decision: the nearest patterns' per-tier records shrunk toward the
-  router head's prediction (`patterns.tier_estimates`).
+  `route`'s `probs` without a decision: per tier, the nearest recorded outcomes of that tier among
+  the recent learning signals, shrunk toward the router head's prediction
+  (`patterns.neighbour_estimates`; `cfg.router_memory = 0`: the head alone).
 
   Examples:
     >>> import jax, jax.numpy as jnp, sona_jax as sona
-    >>> from sona_jax import patterns
-    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8)
+    >>> from sona_jax.loops.instant import instant_step
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=32, trajectory_capacity=8)
     >>> state, q = sona.init_state(cfg, jax.random.key(0)), jnp.ones(8)
-    >>> p = tier_success(state, q, cfg)  # an empty bank: the router head's prediction
-    >>> bool(jnp.allclose(p, route(state, q, cfg, jax.random.key(1)).probs))
-    True
-    >>> record = jnp.array([[20.0, 0.0, 0.0]])  # a pattern at q: tier 0 succeeded 20 times of 20
-    >>> bank, _ = patterns.merge_patterns(state.bank, q[None], jnp.array([20.0]), jnp.array([1.0]),
-    ...                                   record, record, jnp.array([True]), now=0)
-    >>> after = tier_success(state._replace(bank=bank), q, cfg)
-    >>> m = cfg.router_prior_strength  # (20 + m prior) / (20 + m) >= 20 / (20 + m)
-    >>> bool(after[0] >= 20 / (20 + m) - 1e-6), bool(after[0] > p[0])
+    >>> p = tier_success(state, q, cfg)  # no signal yet: the router head's prediction
+    >>> head = tier_success(state, q, cfg.replace(router_memory=0))
+    >>> probs = route(state, q, cfg, jax.random.key(1)).probs
+    >>> bool(jnp.allclose(p, head)), bool(jnp.allclose(p, probs))
     (True, True)
+    >>> it = sona.make_interaction(cfg, query=q, quality=1.0, tier=0)
+    >>> for _ in range(20):  # tier 0 served q and succeeded 20 times
+    ...   state, _ = instant_step(state, it, cfg)
+    >>> after = tier_success(state, q, cfg)
+    >>> m = cfg.router_prior_strength  # (20 + m h) / (20 + m) >= 20 / (20 + m)
+    >>> bool(after[0] >= 20 / (20 + m) - 1e-6), bool(after[0] > p[0]), bool(after[1] == p[1])
+    (True, True, True)
   """
   x = jnp.asarray(query, jnp.float32)
   if x.shape != (cfg.dim,):
