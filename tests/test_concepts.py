@@ -13,10 +13,10 @@ from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score
 
-from sona_jax import concepts as C
 from sona_jax import graph as G
 from sona_jax import patterns as P
 from sona_jax.config import SonaConfig
+from sona_jax.loops import deep as C
 
 # ------------------------------------------------------------------------------------ helpers
 

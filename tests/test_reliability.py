@@ -37,8 +37,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import sona_jax as sona
-import sona_jax.concepts as concepts_module
 import sona_jax.loops.background as background_module
+import sona_jax.loops.deep.dreams as dreams_module
 from sona_jax import buffer
 from sona_jax.loops import instant
 from sona_jax.state import PROCESSED, REJECTED
@@ -611,7 +611,7 @@ def _fail_midway(monkeypatch, loop: str):
   if loop == "background":
     target, name = background_module, "_patterns"  # after consolidation and router training
   else:
-    target, name = concepts_module, "dream"  # after consolidation and abstraction
+    target, name = dreams_module, "dream"  # after consolidation and abstraction
   original = getattr(target, name)
 
   def flaky(*args, **kwargs):
