@@ -155,7 +155,8 @@ def transfer(
     max_domains: most domains compared (largest first).
     min_domain_size: smallest domain compared.
     edge_scale: ANALOGY edge weight = `edge_scale * confidence`.
-    louvain_max_nodes: coarsen the graph to at most this many nodes before Louvain.
+    louvain_max_nodes: above this many linked nodes, Louvain runs on a coarsened graph (or igraph's
+      Leiden runs, when igraph is installed; see `domains.communities`).
 
   Returns:
     `(graph, TransferReport)`.
