@@ -123,8 +123,8 @@ def phi_ar(
   """Integrated-information proxy Phi_AR (Barrett & Seth 2011) of a weighted directed graph.
 
   Not IIT's Phi: the closed-form Phi_AR of the VAR(1) model `X_{t+1} = s W^T X_t + e` across the
-  minimum-information bipartition (see the module docstring for the model, the formulas and the
-  normalisation).
+  minimum-information bipartition (see `phi_model` for the model, the formulas and the
+  normalisation, `phi_search` for the search).
 
   Args:
     weights: f[n, n] weight matrix, `W[i, j]` the weight of edge `i -> j`. Any real values; only
@@ -135,7 +135,7 @@ def phi_ar(
     measure: `"ar"`, Phi_AR (whole minus sum of the parts' one-step mutual information, the
       measure of docs/design.md, "Integration proxy"), or `"si"`, the stochastic-interaction
       variant (the parts' one-step conditional entropies minus the whole's; never negative). See
-      the module docstring.
+      `phi_model`.
 
   Returns:
     A `PhiResult`; `phi >= 0` and finite. Fewer than 2 nodes, no edges, or a disconnected graph
@@ -192,7 +192,7 @@ def bipartition_phi(
   """Raw integrated-information proxy (Phi_AR) of one given bipartition, and its normalised value.
 
   Unlike `phi_ar`, neither snapped nor clamped at 0 (rounding noise and negative values show), and
-  not minimised over bipartitions: this is `phi(M1, M2)` and `phi / K` of the module docstring.
+  not minimised over bipartitions: this is `phi(M1, M2)` and `phi / K` of `phi_model`.
 
   Args:
     weights: f[n, n] weight matrix, `W[i, j]` the weight of edge `i -> j`.
