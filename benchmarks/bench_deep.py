@@ -11,6 +11,11 @@ the near-duplicate search is timed against the inverted file (the ratio is the s
 
 Usage: `python benchmarks/bench_deep.py [--sizes 10000 100000] [--dim 384] [--quick]`.
 Writes `benchmarks/results/deep.json` (`deep_quick.json` with `--quick`).
+
+`--louvain` instead compares, on the same graphs and side by side in one run, the domain search of
+phase 4 (`domains.communities`) by the hand-written NumPy Louvain coarsening (then networkx) against
+igraph's multilevel (Louvain) and Leiden on the whole graph (time and modularity, over `--seeds`);
+it writes `benchmarks/results/deep_louvain.json`. Needs `pip install igraph`.
 """
 
 from __future__ import annotations
@@ -126,9 +131,13 @@ def main(argv=None) -> int:
   p.add_argument("--dim", type=int, default=384)
   p.add_argument("--brute-max", type=int, default=20_000, help="time brute force up to this size")
   p.add_argument("--quick", action="store_true", help="small run: 2,000 nodes at dim 64")
+  p.add_argument("--louvain", action="store_true", help="compare the domain search backends")
+  p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of --louvain")
   a = p.parse_args(argv)
   if a.quick:
     a.sizes, a.dim = [2000], 64
+  if a.louvain:
+    return louvain_main(a)
 
   import jax
   import numpy as np
@@ -237,6 +246,99 @@ def main(argv=None) -> int:
     table=table,
   )
   name = "deep_quick.json" if a.quick else "deep.json"
+  (RESULTS / name).write_text(json.dumps(out, indent=2, default=float))
+  print(f"\nwrote {(RESULTS / name).relative_to(HERE.parent)}")
+  return 0
+
+
+def _louvain_rows(n, variant, g, seeds):
+  """Each backend of `domains.communities` on graph `g`, per seed: time and modularity."""
+  import igraph as ig
+  import numpy as np
+
+  from sona_jax.loops.deep import domains
+
+  lo, hi, w = domains.undirected_edges(g)
+  # A yardstick outside the code under test: igraph's modularity of each labelling.
+  ref = ig.Graph(n=g.capacity, edges=list(zip(lo.tolist(), hi.tolist(), strict=True)))
+  ref.es["weight"] = w.tolist()
+  rows = []
+  for method in ("numpy", "multilevel", "leiden"):
+    for seed in seeds:
+      t = time.perf_counter()
+      domain, info = domains.communities(g, seed=seed, method=method)
+      sec = time.perf_counter() - t
+      member = np.where(domain >= 0, domain, domain.max() + 1 + np.arange(domain.size))
+      q_ref = ref.modularity(member.tolist(), weights="weight")
+      rows.append(
+        dict(
+          n=n,
+          graph=variant,
+          edges=int(lo.size),
+          method=method,
+          seed=seed,
+          seconds=sec,
+          modularity=info["modularity"],
+          modularity_igraph=q_ref,
+          domains=int(domain.max()) + 1,
+          n_coarse=info["n_coarse"],
+        )
+      )
+      print(f"  {n} {variant} {method} seed {seed}: {sec:.2f} s, Q {q_ref:.4f}", flush=True)
+  return rows
+
+
+def louvain_main(a) -> int:
+  """`--louvain`: NumPy coarsening + networkx against igraph multilevel and Leiden."""
+  import igraph as ig
+  import numpy as np
+
+  from sona_jax import graph as G
+
+  def rewired(graph, fraction, seed=0):
+    """The graph with `fraction` of its edges pointed at uniformly random nodes (harder)."""
+    rng = np.random.default_rng(seed)
+    nbr = np.array(graph.nbr)
+    hit = (nbr >= 0) & (rng.random(nbr.shape) < fraction)
+    nbr[hit] = rng.integers(graph.capacity, size=int(hit.sum()))
+    return graph._replace(edges=G.make_edges(nbr, np.asarray(graph.w), np.asarray(graph.kind)))
+
+  rows = []
+  for n in a.sizes:
+    _, state, _ = build_state(n, a.dim, patterns_n=200 if a.quick else 1000)
+    for variant, fraction in (("kNN", 0.0), ("kNN+20%", 0.2)):
+      rows += _louvain_rows(n, variant, rewired(state.graph, fraction), a.seeds)
+
+  head = (
+    f"{'nodes':>7} {'graph':>8} {'edges':>8} {'method':>10} {'seed':>4} {'time':>7}"
+    f" {'modularity':>10} {'Q (igraph)':>10} {'domains':>7}"
+  )
+  lines = [head, "-" * len(head)]
+  for r in rows:
+    lines.append(
+      f"{r['n']:>7} {r['graph']:>8} {r['edges']:>8} {r['method']:>10} {r['seed']:>4}"
+      f" {r['seconds']:>6.2f}s {r['modularity']:>10.4f} {r['modularity_igraph']:>10.4f}"
+      f" {r['domains']:>7}"
+    )
+  table = "\n".join(lines)
+  print(table)
+  print(
+    "\nkNN: bench_deep's graph (edges inside 300 planted clusters); kNN+20%: a fifth of its edges"
+    "\npointed at random nodes. numpy: NumPy Louvain coarsening to 2,000 super-nodes, then"
+    "\nnetworkx Louvain (the default);"
+    "\nmultilevel / leiden: igraph on the whole graph. Same graph, same process, one run; time"
+    "\nincludes the edge extraction, numbering and modularity of `domains.communities`."
+  )
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  out = dict(
+    benchmark="deep_louvain",
+    time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    machine=dict(platform=platform.platform(), cpus=os.cpu_count()),
+    config=dict(dim=a.dim, degree=16, clusters=300, quick=a.quick, igraph=ig.__version__),
+    rows=rows,
+    table=table,
+  )
+  name = "deep_louvain_quick.json" if a.quick else "deep_louvain.json"
   (RESULTS / name).write_text(json.dumps(out, indent=2, default=float))
   print(f"\nwrote {(RESULTS / name).relative_to(HERE.parent)}")
   return 0

@@ -40,8 +40,8 @@ __version__ = "0.1.0"
 _LAZY = {
   "deep_step": ("sona_jax.loops.deep", "deep_step"),
   "DeepReport": ("sona_jax.loops.deep", "DeepReport"),
-  "concepts": ("sona_jax.concepts", None),
-  "phi": ("sona_jax.phi", None),
+  "deep": ("sona_jax.loops.deep", None),
+  "phi": ("sona_jax.loops.deep.phi", None),
   "ivf": ("sona_jax.ivf", None),
   "tenants": ("sona_jax.tenants", None),
   "sharding": ("sona_jax.sharding", None),

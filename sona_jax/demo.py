@@ -21,12 +21,15 @@ day; `report.json`, PNG plots and an orbax checkpoint go under `--out`.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import json
 import math
 import os
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -44,27 +47,6 @@ def _tiers(task):
   from sona_jax import datasets
 
   return datasets.digits_tiers(task.memory_index)[task.query_index]
-
-
-class _Progress:
-  """A one-line progress bar on stderr (silent when disabled)."""
-
-  def __init__(self, total: int, enabled: bool):
-    self.total, self.enabled, self.last = total, enabled, -1
-
-  def update(self, i: int, text: str) -> None:
-    pct = int(100 * i / max(self.total, 1))
-    if not self.enabled or pct == self.last:
-      return
-    self.last = pct
-    bar = "#" * (pct // 4) + "." * (25 - pct // 4)
-    sys.stderr.write(f"\r  [{bar}] {pct:3d}%  {text}   ")
-    sys.stderr.flush()
-
-  def close(self) -> None:
-    if self.enabled:
-      sys.stderr.write("\n")
-      sys.stderr.flush()
 
 
 def _plots(out_dir: str, hourly: dict, deep_hours: list[float], refs: dict) -> list[str]:
@@ -118,6 +100,36 @@ def _plots(out_dir: str, hourly: dict, deep_hours: list[float], refs: dict) -> l
   return paths
 
 
+@dataclasses.dataclass
+class _Week:
+  """What `_setup` builds: the task, its splits, the engine and its simulated clock."""
+
+  task: Any
+  correct: np.ndarray  # bool[n_queries, 3]: whether each tier answers each query right
+  cfg: Any
+  engine: Any
+  clock: list  # [now]: the engine's clock reads it
+  rng: np.random.Generator
+  held: np.ndarray  # queries the stream never shows (held-out evaluation)
+  pool: np.ndarray  # queries added as new memories during the week
+  stream: np.ndarray  # queries the stream draws from
+  requests: int
+  days: int
+
+
+@dataclasses.dataclass
+class _Served:
+  """What `_serve` observed: per-request records, the Loop C reports and the final memory."""
+
+  rec: dict
+  deep_hours: list
+  deep_reports: list
+  bg_runs: int
+  memories: np.ndarray  # the retrieval memory at the end (after Loop C's merges and growth)
+  labels: np.ndarray
+  ids: np.ndarray
+
+
 def run_week(
   out_dir: str = "sona-demo",
   *,
@@ -132,29 +144,45 @@ def run_week(
 ) -> dict:
   """Runs the simulated week (see the module docstring) and returns the report.
 
+  Three steps: `_setup` (data, tiers, engine), `_serve` (the week of requests, every loop on its
+  schedule), `_report` (held-out evaluation, summaries, checkpoint, plots, `report.json`); then
+  the table is printed (`_print_table`).
+
   Args:
     out_dir: where `report.json`, the PNG plots and the checkpoint go (created).
     requests: requests over the whole run, spread evenly in time.
     days: simulated days (7: one weekly Loop C).
     seed: data split, drift direction and engine seed.
     drift: length of the query drift (unit-norm embeddings).
-    progress: show a progress bar on stderr.
+    progress: show a progress bar on stderr (rich).
     checkpoint: write an orbax checkpoint of the final state under `out_dir/checkpoint`.
     plots: write quality.png, tiers.png, cost.png (needs matplotlib).
-    log: where the table goes.
+    log: where the table goes: plain text lines. With the default `print` and a terminal on
+      stdout, the same rows are shown as rich tables instead.
 
   Returns:
     The report (also written to `out_dir/report.json`).
   """
+  if requests < days:
+    raise ValueError(f"run_week: requests={requests} must be >= days={days}")
+  t_wall = time.perf_counter()
+  os.makedirs(out_dir, exist_ok=True)
+  week = _setup(requests=requests, days=days, seed=seed, drift=drift)
+  served = _serve(week, progress=progress)
+  report = _report(
+    week, served, out_dir, t_wall, seed=seed, drift=drift, checkpoint=checkpoint, plots=plots
+  )
+  _print_table(report, out_dir, plots=plots, log=log)
+  return report
+
+
+def _setup(*, requests: int, days: int, seed: int, drift: float) -> _Week:
+  """The task (drifted digits), the tiers, the splits and an engine on a simulated clock."""
   import jax
 
   import sona_jax as sona
   from sona_jax import datasets
 
-  if requests < days:
-    raise ValueError(f"run_week: requests={requests} must be >= days={days}")
-  t_wall = time.perf_counter()
-  os.makedirs(out_dir, exist_ok=True)
   task = datasets.digits_drift(seed=seed, dim=32, drift=drift)
   correct = _tiers(task)
   n_q = len(task.queries)
@@ -172,74 +200,103 @@ def run_week(
     tier_costs=TIER_COSTS,
     phi_max_nodes=128,
   )
-  now = [WEEK_START]
-  engine = sona.Sona(cfg, key=jax.random.key(seed), clock=lambda: now[0])
-  mem_emb = [task.memories]
-  mem_lab = [task.memory_labels]
-  node_ids = [engine.add_memories(task.memories, quality=0.5, time=0)]
-  pool_left = list(pool)
+  clock = [WEEK_START]
+  engine = sona.Sona(cfg, key=jax.random.key(seed), clock=lambda: clock[0])
+  return _Week(task, correct, cfg, engine, clock, rng, held, pool, stream, requests, days)
+
+
+def _serve(week: _Week, *, progress: bool) -> _Served:
+  """Serves the week: each request retrieves, routes, answers and is observed; `Sona.tick` runs
+  Loop B hourly and Loop C at its slot; new memories arrive from the pool."""
+  import sona_jax as sona
+  from sona_jax import datasets
+
+  task, engine, cfg, rng, now = week.task, week.engine, week.cfg, week.rng, week.clock
+  requests, days, stream = week.requests, week.days, week.stream
+  ids = engine.add_memories(task.memories, quality=0.5, time=0)
+  pool_left = list(week.pool)
   span = days * 86_400.0
-  per_growth = max(1, requests // max(len(pool), 1))
+  per_growth = max(1, requests // max(len(week.pool), 1))
 
   rec = {k: np.zeros(requests) for k in ("t", "precision", "success", "quality", "cost")}
   rec["tier"] = np.zeros(requests, np.int32)
   deep_hours, deep_reports, bg_runs = [], [], 0
-  bar = _Progress(requests, progress)
-  memories = np.concatenate(mem_emb)
-  labels = np.concatenate(mem_lab)
-  ids = np.concatenate(node_ids)
-  for i in range(requests):
-    now[0] = WEEK_START + span * (i + 0.5) / requests
-    t = int(now[0] - engine.time_origin)
-    j = stream[rng.integers(len(stream))]
-    x = task.queries[j]
-    y = np.asarray(engine.adapt(x))
-    top = datasets.top_k_cosine(y, memories, 5)[0]
-    useful = labels[top] == task.query_labels[j]
-    precision = float(useful.mean())
-    tier = engine.route(x)
-    ok = bool(correct[j, tier])
-    quality = 0.6 + 0.4 * precision if ok else 0.4 * precision
-    latency = TIER_LATENCY_MS[tier] * float(rng.lognormal(0.0, 0.2))
-    used, unused = ids[top[useful]], ids[top[~useful]]
-    engine.observe(
-      sona.make_interaction(
-        cfg,
-        query=x,
-        quality=quality,
-        anchor=int(ids[top[0]]),
-        used=used[: cfg.max_ids],
-        unused=unused[: cfg.max_ids],
-        tier=tier,
-        latency_ms=latency,
-        time=t,
+  memories = np.asarray(task.memories)
+  labels = np.asarray(task.memory_labels)
+  with _progress_bar(requests, progress) as update:
+    for i in range(requests):
+      now[0] = WEEK_START + span * (i + 0.5) / requests
+      t = int(now[0] - engine.time_origin)
+      j = stream[rng.integers(len(stream))]
+      x = task.queries[j]
+      y = np.asarray(engine.adapt(x))
+      top = datasets.top_k_cosine(y, memories, 5)[0]
+      useful = labels[top] == task.query_labels[j]
+      precision = float(useful.mean())
+      tier = engine.route(x)
+      ok = bool(week.correct[j, tier])
+      quality = 0.6 + 0.4 * precision if ok else 0.4 * precision
+      latency = TIER_LATENCY_MS[tier] * float(rng.lognormal(0.0, 0.2))
+      used, unused = ids[top[useful]], ids[top[~useful]]
+      engine.observe(
+        sona.make_interaction(
+          cfg,
+          query=x,
+          quality=quality,
+          anchor=int(ids[top[0]]),
+          used=used[: cfg.max_ids],
+          unused=unused[: cfg.max_ids],
+          tier=tier,
+          latency_ms=latency,
+          time=t,
+        )
       )
-    )
-    out = engine.tick()
-    if out["background"] is not None and out["background"].ran:
-      bg_runs += 1
-    if out["deep"] is not None:
-      deep_hours.append(t / 3600.0)
-      deep_reports.append(out["deep"])
-      # Loop C merged near-duplicate memories: retrieve from the graph's surviving nodes (with
-      # their merged embeddings) from now on, as a serving system keyed on node ids would.
-      g = engine.state.graph
-      keep = np.asarray(g.alive)[ids]
-      ids, labels = ids[keep], labels[keep]
-      memories = np.asarray(g.emb)[ids]
-    if pool_left and i % per_growth == per_growth - 1:  # new knowledge arrives
-      p = pool_left.pop()
-      emb = task.clean_queries[p] / np.linalg.norm(task.clean_queries[p])
-      nid = engine.add_memory(emb, quality=0.5, time=t)
-      memories = np.concatenate([memories, emb[None]])
-      labels = np.append(labels, task.query_labels[p])
-      ids = np.append(ids, nid)
-    rec["t"][i], rec["precision"][i], rec["success"][i] = t, precision, float(ok)
-    rec["quality"][i], rec["cost"][i], rec["tier"][i] = quality, TIER_COSTS[tier], tier
-    bar.update(i + 1, f"day {t // 86_400 + 1}/{days}  Loop B x{bg_runs}  Loop C x{len(deep_hours)}")
-  bar.close()
+      out = engine.tick()
+      if out["background"] is not None and out["background"].ran:
+        bg_runs += 1
+      if out["deep"] is not None:
+        deep_hours.append(t / 3600.0)
+        deep_reports.append(out["deep"])
+        # Loop C merged near-duplicate memories: retrieve from the graph's surviving nodes (with
+        # their merged embeddings) from now on, as a serving system keyed on node ids would.
+        g = engine.state.graph
+        keep = np.asarray(g.alive)[ids]
+        ids, labels = ids[keep], labels[keep]
+        memories = np.asarray(g.emb)[ids]
+      if pool_left and i % per_growth == per_growth - 1:  # new knowledge arrives
+        p = pool_left.pop()
+        emb = task.clean_queries[p] / np.linalg.norm(task.clean_queries[p])
+        nid = engine.add_memory(emb, quality=0.5, time=t)
+        memories = np.concatenate([memories, emb[None]])
+        labels = np.append(labels, task.query_labels[p])
+        ids = np.append(ids, nid)
+      rec["t"][i], rec["precision"][i], rec["success"][i] = t, precision, float(ok)
+      rec["quality"][i], rec["cost"][i], rec["tier"][i] = quality, TIER_COSTS[tier], tier
+      update(f"day {t // 86_400 + 1}/{days}  Loop B x{bg_runs}  Loop C x{len(deep_hours)}")
   engine.run_background()  # learn from the last hour's signals too
+  return _Served(rec, deep_hours, deep_reports, bg_runs, memories, labels, ids)
 
+
+def _report(
+  week: _Week,
+  served: _Served,
+  out_dir: str,
+  t_wall: float,
+  *,
+  seed: int,
+  drift: float,
+  checkpoint: bool,
+  plots: bool,
+) -> dict:
+  """Held-out evaluation, per-day and per-hour summaries, checkpoint, plots and `report.json`."""
+  import jax
+
+  import sona_jax as sona
+  from sona_jax import datasets
+
+  task, engine, cfg, correct, held = week.task, week.engine, week.cfg, week.correct, week.held
+  days, stream, rec = week.days, week.stream, served.rec
+  memories, labels = served.memories, served.labels
   # Held-out queries the stream never showed: the learned adapter and greedy router.
   frozen = datasets.precision_at_k(task.queries[held], task.query_labels[held], memories, labels, 5)
   adapted_q = np.asarray(engine.adapt(task.queries[held]))
@@ -284,11 +341,9 @@ def run_week(
     "always_cheapest_cost": TIER_COSTS[0],
     "always_cheapest_success": float(correct[stream, 0].mean()),
   }
-  first, last = per_day[0], per_day[-1]
   stats = engine.stats()
   improvement = engine.metrics()
-  deep = [_deep_summary(r) for r in deep_reports]
-  phi = improvement.phi_current
+  deep = [_deep_summary(r) for r in served.deep_reports]
   wall = time.perf_counter() - t_wall
 
   ckpt_dir = None
@@ -302,11 +357,11 @@ def run_week(
     with Checkpointer(ckpt_dir) as ck:
       ck.save(0, engine.state, cfg, time_origin=engine.time_origin, extra=_extra(engine))
       ck.wait()
-  plot_paths = _plots(out_dir, hourly, deep_hours, refs) if plots else []
+  plot_paths = _plots(out_dir, hourly, served.deep_hours, refs) if plots else []
 
   report = {
     "config": cfg.to_dict(),
-    "requests": requests,
+    "requests": week.requests,
     "days": days,
     "seed": seed,
     "drift": drift,
@@ -323,9 +378,9 @@ def run_week(
       "always_cheapest_success": float(correct[held, 0].mean()),
     },
     "references": refs,
-    "loop_b_cycles": bg_runs + 1,
+    "loop_b_cycles": served.bg_runs + 1,
     "loop_c": deep,
-    "deep_hours": deep_hours,
+    "deep_hours": served.deep_hours,
     "improvement": improvement.to_dict(),
     "stats": stats,
     "checkpoint": ckpt_dir,
@@ -333,60 +388,123 @@ def run_week(
   }
   with open(os.path.join(out_dir, "report.json"), "w") as f:
     json.dump(report, f, indent=2, default=_json_default)
+  return report
 
-  fmt = lambda v: (
-    "n/a"
-    if v is None or (isinstance(v, float) and not math.isfinite(v))
-    # noqa: E731
-    else (f"{v:.3f}" if isinstance(v, float) else str(v))
-  )
+
+def _fmt(v) -> str:
+  if v is None or (isinstance(v, float) and not math.isfinite(v)):
+    return "n/a"
+  return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _print_table(report: dict, out_dir: str, *, plots: bool, log=print) -> None:
+  """Prints the first and last day side by side, the held-out results and where files went.
+
+  Plain text through `log`; with the default `print` and a terminal on stdout, rich tables.
+  """
+  first, last = report["per_day"][0], report["per_day"][-1]
+  held, stats, improvement = report["held_out"], report["stats"], report["improvement"]
+  days, requests, drift = report["days"], report["requests"], report["drift"]
   mix = lambda s: "/".join(f"{100 * x:.0f}" for x in s["tier_share"])  # noqa: E731
   rows = [
-    ("retrieval precision@5", fmt(first["precision"]), fmt(last["precision"])),
-    ("answer success", fmt(first["success"]), fmt(last["success"])),
-    ("learning quality", fmt(first["quality"]), fmt(last["quality"])),
-    ("cost per request", fmt(first["cost"]), fmt(last["cost"])),
+    ("retrieval precision@5", _fmt(first["precision"]), _fmt(last["precision"])),
+    ("answer success", _fmt(first["success"]), _fmt(last["success"])),
+    ("learning quality", _fmt(first["quality"]), _fmt(last["quality"])),
+    ("cost per request", _fmt(first["cost"]), _fmt(last["cost"])),
     ("tier mix % (NC/LR/SVM)", mix(first), mix(last)),
   ]
-  log(
-    f"\nsona-jax demo: {days} simulated days, {requests} requests on load_digits "
-    f"(drift {drift}, 3 tiers), {report['loop_b_cycles']} Loop B cycles, "
-    f"{len(deep)} Loop C, {wall:.1f} s wall\n"
-  )
-  w = max(len(r[0]) for r in rows)
-  log(f"  {'':<{w}}  {'day 1':>10}  {'day ' + str(last['day']):>10}")
-  for name, a, b in rows:
-    log(f"  {name:<{w}}  {a:>10}  {b:>10}")
-  saving = 1.0 - held_cost / TIER_COSTS[2]
+  saving = 1.0 - held["router_cost"] / TIER_COSTS[2]
   g = stats["graph"]
   extra_rows = [
     (
       "held-out precision@5: frozen / adapted / clean",
-      f"{frozen:.3f} / {adapted:.3f} / {clean:.3f}",
+      f"{held['precision_frozen']:.3f} / {held['precision_adapted']:.3f} / "
+      f"{held['precision_clean']:.3f}",
     ),
     (
       "held-out routing: success / always-SVM success",
-      f"{held_success:.3f} / {correct[held, 2].mean():.3f}",
+      f"{held['router_success']:.3f} / {held['always_best_success']:.3f}",
     ),
     ("router savings vs always-SVM (held-out)", f"{100 * saving:.0f}% of the cost"),
     ("patterns in the ReasoningBank", str(stats["bank"]["patterns"])),
     ("memory graph: nodes / edges", f"{g['nodes']} / {sum(g['edges'].values())}"),
-    ("integration proxy (Phi_AR)", fmt(phi)),
-    ("router retention (1.0 = no forgetting)", fmt(improvement.retention_rate_7d)),
-    ("overall improvement score (seed)", f"{improvement.overall_score():.3f}"),
+    ("integration proxy (Phi_AR)", _fmt(improvement["phi_current"])),
+    ("router retention (1.0 = no forgetting)", _fmt(improvement["retention_rate_7d"])),
+    ("overall improvement score (seed)", f"{improvement['overall_score']:.3f}"),
   ]
+  title = (
+    f"sona-jax demo: {days} simulated days, {requests} requests on load_digits "
+    f"(drift {drift}, 3 tiers), {report['loop_b_cycles']} Loop B cycles, "
+    f"{len(report['loop_c'])} Loop C, {report['wall_seconds']:.1f} s wall"
+  )
+  files = [f"  report: {os.path.join(out_dir, 'report.json')}"]
+  if plots and not report["plots"]:
+    files.append("  plots skipped: matplotlib is not installed (pip install 'sona-jax[demo]')")
+  elif report["plots"]:
+    files.append(f"  plots: {', '.join(report['plots'])}")
+  if report["checkpoint"]:
+    files.append(f"  checkpoint: {report['checkpoint']}  (sona-jax inspect {report['checkpoint']})")
+  if log is print and sys.stdout.isatty():
+    _print_rich(title, rows, extra_rows, last["day"], files)
+    return
+  log(f"\n{title}\n")
+  w = max(len(r[0]) for r in rows)
+  log(f"  {'':<{w}}  {'day 1':>10}  {'day ' + str(last['day']):>10}")
+  for name, a, b in rows:
+    log(f"  {name:<{w}}  {a:>10}  {b:>10}")
   w2 = max(len(r[0]) for r in extra_rows)
   log("")
   for name, value in extra_rows:
     log(f"  {name:<{w2}}  {value}")
-  log(f"\n  report: {os.path.join(out_dir, 'report.json')}")
-  if plots and not plot_paths:
-    log("  plots skipped: matplotlib is not installed (pip install 'sona-jax[demo]')")
-  elif plot_paths:
-    log(f"  plots: {', '.join(plot_paths)}")
-  if ckpt_dir:
-    log(f"  checkpoint: {ckpt_dir}  (sona-jax inspect {ckpt_dir})")
-  return report
+  log("")
+  for line in files:
+    log(line)
+
+
+def _print_rich(title, rows, extra_rows, last_day, files) -> None:
+  """The same rows as `_print_table`'s plain text, as rich tables on a terminal."""
+  from rich import box
+  from rich.console import Console
+  from rich.table import Table
+
+  console = Console()
+  days = Table(box=box.SIMPLE_HEAD)
+  days.add_column("")
+  days.add_column("day 1", justify="right")
+  days.add_column(f"day {last_day}", justify="right")
+  for row in rows:
+    days.add_row(*row)
+  held = Table(box=box.SIMPLE, show_header=False)
+  held.add_column("")
+  held.add_column("", justify="right")
+  for row in extra_rows:
+    held.add_row(*row)
+  console.print()
+  console.print(title, style="bold", highlight=False, markup=False, soft_wrap=True)
+  console.print(days)
+  console.print(held)
+  for line in files:
+    console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, enabled: bool):
+  """Yields `update(text)`, one call per request: a rich progress bar on stderr when enabled."""
+  if not enabled:
+    yield lambda text: None
+    return
+  from rich.console import Console
+  from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+  columns = (
+    BarColumn(),
+    TaskProgressColumn(),
+    TimeRemainingColumn(),
+    TextColumn("{task.description}"),
+  )
+  with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+    task = bar.add_task("", total=total)
+    yield lambda text: bar.update(task, advance=1, description=text)
 
 
 def _extra(engine) -> dict:

@@ -503,8 +503,9 @@ def pack_interaction(
 
   Args:
     cfg: the learner's config.
-    query, quality, anchor, used, unused, tier, latency_ms, target_latency_ms, context_tokens,
-      feedback, grad, time: as in `make_interaction` (same checks, same errors).
+    query: as in `make_interaction`, like every field up to `time` (`quality`, `anchor`, `used`,
+      `unused`, `tier`, `latency_ms`, `target_latency_ms`, `context_tokens`, `feedback`, `grad`):
+      the same checks, the same errors.
     micro_lr: the live micro-LoRA learning rate it carries into Loop A (None: `cfg.micro_lr`).
     out: f32[packed_width(cfg)] to write into (a new array when None).
 

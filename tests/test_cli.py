@@ -87,3 +87,71 @@ def test_cli_rejects_bad_arguments():
     text=True,
   )
   assert proc.returncode == 2 and "--requests must be >= 1" in proc.stderr
+
+
+def _fake_report():
+  """A report with the keys `demo._print_table` reads (values as a run would give them)."""
+  day = lambda d, p: {  # noqa: E731
+    "day": d,
+    "precision": p,
+    "success": 0.94,
+    "quality": 0.85,
+    "cost": 2.5,
+    "tier_share": [0.5, 0.3, 0.2],
+  }
+  return {
+    "days": 7,
+    "requests": 1400,
+    "drift": 2.0,
+    "wall_seconds": 12.5,
+    "per_day": [day(1, 0.72), day(7, 0.807)],
+    "held_out": {
+      "precision_frozen": 0.609,
+      "precision_adapted": 0.81,
+      "precision_clean": 0.909,
+      "router_success": 0.93,
+      "router_cost": 3.0,
+      "always_best_success": 0.973,
+    },
+    "stats": {
+      "graph": {"nodes": 760, "edges": {"hebbian": 1000, "analogy": 906}},
+      "bank": {"patterns": 49},
+    },
+    "improvement": {"phi_current": None, "retention_rate_7d": 0.942, "overall_score": 0.417},
+    "loop_b_cycles": 29,
+    "loop_c": [{}],
+    "plots": [],
+    "checkpoint": None,
+  }
+
+
+def test_demo_table_plain_text_and_rich_show_the_same_rows(capsys):
+  from sona_jax import demo
+
+  lines = []
+  demo._print_table(_fake_report(), "out", plots=False, log=lines.append)
+  text = "\n".join(lines)
+  assert "  retrieval precision@5        0.720       0.807" in lines
+  assert "  tier mix % (NC/LR/SVM)    50/30/20    50/30/20" in lines
+  assert "  memory graph: nodes / edges                     760 / 1906" in lines
+  assert "  router savings vs always-SVM (held-out)         70% of the cost" in lines
+  assert "  integration proxy (Phi_AR)                      n/a" in lines
+  assert "1400 requests" in text and "29 Loop B cycles, 1 Loop C, 12.5 s wall" in text
+  assert lines[-1] == f"  report: {'out/report.json'}"
+  # Not a terminal (pytest captures stdout): the default `print` gives the same plain text.
+  demo._print_table(_fake_report(), "out", plots=False)
+  assert capsys.readouterr().out.splitlines() == text.splitlines()
+  # The rich tables hold the same cells.
+  demo._print_rich("title", [("answer success", "0.940", "0.935")], [("patterns", "49")], 7, [])
+  out = capsys.readouterr().out
+  assert "answer success" in out and "0.940" in out and "0.935" in out and "day 7" in out
+  assert "patterns" in out and "49" in out
+
+
+def test_demo_progress_bar_is_silent_when_disabled(capsys):
+  from sona_jax import demo
+
+  with demo._progress_bar(3, False) as update:
+    for i in range(3):
+      update(f"step {i}")
+  assert capsys.readouterr() == ("", "")

@@ -1,6 +1,11 @@
 """Loop C phases 2-4: abstraction (Ward meta-patterns), dreams (random walks), transfer (domains,
 analogies)."""
 
+import pathlib
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import networkx as nx
@@ -13,10 +18,10 @@ from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score
 
-from sona_jax import concepts as C
 from sona_jax import graph as G
 from sona_jax import patterns as P
 from sona_jax.config import SonaConfig
+from sona_jax.loops import deep as C
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -538,12 +543,72 @@ def test_domains_are_networkx_louvain_and_deterministic():
 def test_coarsened_louvain_matches_direct_louvain():
   g, lab = _planted()
   direct, info_d = C.communities(g, seed=0, max_nodes=10**6)
-  coarse, info_c = C.communities(g, seed=0, max_nodes=300)
-  again, _ = C.communities(g, seed=0, max_nodes=300)
+  # The NumPy coarsening (what "auto" runs above max_nodes when igraph is not installed).
+  coarse, info_c = C.communities(g, seed=0, max_nodes=300, method="numpy")
+  again, _ = C.communities(g, seed=0, max_nodes=300, method="numpy")
   np.testing.assert_array_equal(coarse, again)
   assert info_c["n_coarse"] <= 300 < info_d["n_coarse"]
   assert info_c["modularity"] > info_d["modularity"] - 0.01
   assert adjusted_rand_score(lab, coarse) > 0.95
+
+
+@pytest.mark.parametrize("method", ["multilevel", "leiden"])
+def test_igraph_domains_are_deterministic_and_match_the_numpy_path(method):
+  ig = pytest.importorskip("igraph")
+  g, lab = _planted()
+  d1, info = C.communities(g, seed=0, method=method)
+  d2, _ = C.communities(g, seed=0, method=method)
+  np.testing.assert_array_equal(d1, d2)  # igraph's generator is seeded for the call
+  assert info["n_coarse"] == info["n_linked"]  # igraph runs on the whole graph
+  sizes = np.bincount(d1[d1 >= 0])
+  assert np.all(np.diff(sizes) <= 0)  # numbered by size, as the NumPy path
+  assert adjusted_rand_score(lab, d1) > 0.95
+  # The reported modularity is igraph's own of the same labelling.
+  lo, hi, w = C.domains.undirected_edges(g)
+  ref = ig.Graph(n=g.capacity, edges=list(zip(lo.tolist(), hi.tolist(), strict=True)))
+  member = np.where(d1 >= 0, d1, d1.max() + 1 + np.arange(d1.size)).tolist()
+  assert info["modularity"] == pytest.approx(ref.modularity(member, weights=w.tolist()), abs=1e-9)
+  _, info_np = C.communities(g, seed=0, max_nodes=300, method="numpy")
+  assert info["modularity"] > info_np["modularity"] - 0.01
+  # "auto" runs Leiden above max_nodes when igraph is installed, networkx's Louvain below.
+  assert C.communities(g, seed=0, max_nodes=300)[1]["method"] == "leiden"
+  assert C.communities(g, seed=0, max_nodes=10**6)[1]["method"] == "numpy"
+
+
+def test_domains_fall_back_to_the_numpy_coarsening_without_igraph():
+  """The default install has no igraph: "auto" must run the NumPy coarsening then (checked in a
+  fresh process where importing igraph fails)."""
+  code = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    class Block(importlib.abc.MetaPathFinder):
+      def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "igraph":
+          raise ImportError("igraph blocked")
+    sys.meta_path.insert(0, Block())
+    sys.path.insert(0, sys.argv[1])
+    import numpy as np
+    import test_concepts as T
+    from sona_jax.loops import deep as C
+    g, _ = T._planted()
+    auto, info = C.communities(g, seed=0, max_nodes=300)
+    numpy, _ = C.communities(g, seed=0, max_nodes=300, method="numpy")
+    assert info["method"] == "numpy" and info["n_coarse"] <= 300, info
+    assert np.array_equal(auto, numpy)
+    print("ok")
+    """
+  )
+  here = str(pathlib.Path(__file__).parent)
+  proc = subprocess.run(
+    [sys.executable, "-c", code, here], capture_output=True, text=True, timeout=300
+  )
+  assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_communities_rejects_an_unknown_method():
+  g, _ = _planted(n=60, k_clusters=3)
+  with pytest.raises(ValueError, match="method"):
+    C.communities(g, method="spectral")
 
 
 def test_analogy_edges_join_domains_with_confidence_above_threshold():

@@ -10,8 +10,8 @@ import pytest
 import scipy.linalg
 
 from sona_jax import graph as G
-from sona_jax import phi as P
 from sona_jax.config import SonaConfig
+from sona_jax.loops.deep import phi as P
 
 MEASURES = ("ar", "si")
 

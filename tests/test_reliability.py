@@ -37,8 +37,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import sona_jax as sona
-import sona_jax.concepts as concepts_module
 import sona_jax.loops.background as background_module
+import sona_jax.loops.deep.dreams as dreams_module
 from sona_jax import buffer
 from sona_jax.loops import instant
 from sona_jax.state import PROCESSED, REJECTED
@@ -634,7 +634,7 @@ def _fail_midway(monkeypatch, loop: str):
 
     monkeypatch.setattr(background_module, "cycle_phases", with_flaky_patterns)
   else:  # after consolidation and abstraction
-    monkeypatch.setattr(concepts_module, "dream", flaky_of(concepts_module.dream, "dream"))
+    monkeypatch.setattr(dreams_module, "dream", flaky_of(dreams_module.dream, "dream"))
   return calls
 
 
