@@ -613,9 +613,9 @@ def make_interaction(
 
   Examples:
     >>> import sona_jax as sona
-    >>> cfg = sona.SonaConfig(dim=4, base_rank=4)
+    >>> cfg = sona.SonaConfig(dim=4, base_rank=4, max_ids=4)
     >>> it = sona.make_interaction(cfg, query=[1.0, 0.0, 0.0, 0.0], quality=0.2, used=[3])
-    >>> it.used.tolist()
+    >>> it.used.tolist()  # padded with -1 to max_ids
     [3, -1, -1, -1]
   """
   d, k = cfg.dim, cfg.max_ids
