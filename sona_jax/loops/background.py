@@ -135,7 +135,14 @@ ONE_DEVICE = Placement()
 
 def to_host(x) -> np.ndarray:
   """A device array as a host NumPy array, also when its shards live in several processes
-  (`process_allgather`: every process gets the whole array)."""
+  (`process_allgather`: every process gets the whole array).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> h = to_host(jnp.arange(3))
+    >>> type(h).__name__, h.tolist()
+    ('ndarray', [0, 1, 2])
+  """
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils
 
@@ -179,7 +186,18 @@ def signal_features(sig: types.Signal, bank: patterns.Bank, router_proj, cfg: So
 
 def signal_labels(sig: types.Signal, cfg: SonaConfig):
   """The router's training labels of signals: `(tier i32[n], success f32[n])`, success meaning
-  quality at least `cfg.success_threshold`."""
+  quality at least `cfg.success_threshold`.
+
+  Examples:
+    >>> import jax.numpy as jnp, sona_jax as sona
+    >>> from sona_jax import types
+    >>> cfg = sona.SonaConfig(dim=8)  # success_threshold 0.5, three tiers
+    >>> sig = types.unpack_signals(jnp.zeros((3, types.signal_width(cfg))), cfg)
+    >>> sig = sig._replace(quality=jnp.array([0.9, 0.5, 0.2]), tier=jnp.array([0, 1, 7]))
+    >>> tier, success = signal_labels(sig, cfg)
+    >>> tier.tolist(), success.tolist()  # tier 7 clipped to the last tier
+    ([0, 1, 2], [1.0, 1.0, 0.0])
+  """
   success = (sig.quality >= cfg.success_threshold).astype(jnp.float32)
   tier = jnp.clip(sig.tier, 0, cfg.n_tiers - 1)
   return tier, success
@@ -196,6 +214,30 @@ def router_loss(params, feats, tier, success, weight, cfg: SonaConfig):
     success: f32[n] 1 when the request succeeded.
     weight: f32[n] per-request weight (0 for padding).
     cfg: the config.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, sona_jax as sona
+    >>> from sona_jax import buffer
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8,
+    ...                       min_samples=4, pattern_clusters=2, bank_capacity=4, router_steps=2,
+    ...                       router_batch=4, fisher_samples=4)
+    >>> state = sona.init_state(cfg, jax.random.key(0))
+    >>> for i in range(4):  # four signals: two that succeeded (0.9), two that failed (0.1)
+    ...   it = sona.make_interaction(cfg, query=[i + 1.0, 1.0] * 4, quality=0.9 if i < 2 else 0.1,
+    ...                              grad=[0.5, -0.5] * 4, time=i)
+    ...   state, _ = sona.instant_step(state, it, cfg)
+    >>> _, rows, mask = buffer.consume(state.signals)  # the drained rows, padded to capacity
+    >>> feats = row_features(rows, state.bank, state.router_proj, cfg)
+    >>> from sona_jax import types
+    >>> tier, success = signal_labels(types.unpack_signals(rows, cfg), cfg)
+    >>> w = mask.astype(jnp.float32)
+    >>> loss = router_loss(state.router.params, feats, tier, success, w, cfg)
+    >>> loss.shape, bool(loss > 0)
+    ((), True)
+    >>> bool(jnp.allclose(router_loss(state.router.params, feats, tier, success, 3 * w, cfg), loss))
+    True
+    >>> float(router_loss(state.router.params, feats, tier, success, 0 * w, cfg))  # no weight
+    0.0
   """
   logits = jax.vmap(router_apply(cfg), in_axes=(None, 0))(params, feats)
   served = jnp.take_along_axis(logits, tier[:, None], axis=1)[:, 0]
@@ -205,7 +247,17 @@ def router_loss(params, feats, tier, success, weight, cfg: SonaConfig):
 
 def cycle_keys(key_data):
   """The cycle's keys from the state's key data: `(next key data, k_router, k_fisher,
-  k_patterns, k_probe)`."""
+  k_patterns, k_probe)`.
+
+  Examples:
+    >>> import jax
+    >>> kd = jax.random.key_data(jax.random.key(0))
+    >>> next_kd, *ks = cycle_keys(kd)
+    >>> next_kd.shape == kd.shape, bool((next_kd != kd).any()), len(ks)
+    (True, True, 4)
+    >>> len({tuple(jax.random.key_data(k).tolist()) for k in ks})  # four distinct keys
+    4
+  """
   key = jax.random.wrap_key_data(key_data)
   key, *ks = jax.random.split(key, 5)
   return jax.random.key_data(key), *ks
@@ -213,7 +265,25 @@ def cycle_keys(key_data):
 
 def drain_signals(signals: buffer.RingBuffer, cfg: SonaConfig):
   """Consumes every waiting signal: `(signals, rows f32[cap, W], mask bool[cap], missed)`, with
-  `missed` the signals overwritten before they could be drained."""
+  `missed` the signals overwritten before they could be drained.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, sona_jax as sona
+    >>> from sona_jax import buffer
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8,
+    ...                       min_samples=4, pattern_clusters=2, bank_capacity=4, router_steps=2,
+    ...                       router_batch=4, fisher_samples=4)
+    >>> state = sona.init_state(cfg, jax.random.key(0))
+    >>> for i in range(4):  # four signals: two that succeeded (0.9), two that failed (0.1)
+    ...   it = sona.make_interaction(cfg, query=[i + 1.0, 1.0] * 4, quality=0.9 if i < 2 else 0.1,
+    ...                              grad=[0.5, -0.5] * 4, time=i)
+    ...   state, _ = sona.instant_step(state, it, cfg)
+    >>> signals, rows, mask, missed = drain_signals(state.signals, cfg)
+    >>> rows.shape == (cfg.signal_capacity, sona.types.signal_width(cfg))
+    True
+    >>> int(mask.sum()), int(missed), int(buffer.unread(signals))  # all four taken, none left
+    (4, 0, 0)
+  """
   del cfg  # the ring's shapes carry everything; kept for the phases' common signature
   missed = buffer.since(signals, signals.meta[buffer.READ])[3]
   signals, rows, mask = buffer.consume(signals)
@@ -221,7 +291,24 @@ def drain_signals(signals: buffer.RingBuffer, cfg: SonaConfig):
 
 
 def mean_quality(rows, mask, cfg: SonaConfig):
-  """Mean learning quality of the drained signals and their number: `(f32, i32)`."""
+  """Mean learning quality of the drained signals and their number: `(f32, i32)`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, sona_jax as sona
+    >>> from sona_jax import buffer
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8,
+    ...                       min_samples=4, pattern_clusters=2, bank_capacity=4, router_steps=2,
+    ...                       router_batch=4, fisher_samples=4)
+    >>> state = sona.init_state(cfg, jax.random.key(0))
+    >>> for i in range(4):  # four signals: two that succeeded (0.9), two that failed (0.1)
+    ...   it = sona.make_interaction(cfg, query=[i + 1.0, 1.0] * 4, quality=0.9 if i < 2 else 0.1,
+    ...                              grad=[0.5, -0.5] * 4, time=i)
+    ...   state, _ = sona.instant_step(state, it, cfg)
+    >>> _, rows, mask = buffer.consume(state.signals)  # the drained rows, padded to capacity
+    >>> q, n = mean_quality(rows, mask, cfg)  # (0.9 + 0.9 + 0.1 + 0.1) / 4, padding ignored
+    >>> round(float(q), 4), int(n)
+    (0.5, 4)
+  """
   sig = types.unpack_signals(rows, cfg)
   n = jnp.sum(mask.astype(jnp.int32))
   q = jnp.sum(jnp.where(mask, sig.quality, 0.0)) / jnp.maximum(n, 1).astype(jnp.float32)
@@ -230,7 +317,22 @@ def mean_quality(rows, mask, cfg: SonaConfig):
 
 def consolidate_micro(base, micro, mean_q, cfg: SonaConfig):
   """Phase 1: the micro-LoRA added into the base at `lora.consolidation_rate(mean_q)`, then
-  reset: `(base, micro, rate)`."""
+  reset: `(base, micro, rate)`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, sona_jax as sona
+    >>> from sona_jax import buffer
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8,
+    ...                       min_samples=4, pattern_clusters=2, bank_capacity=4, router_steps=2,
+    ...                       router_batch=4, fisher_samples=4)
+    >>> state = sona.init_state(cfg, jax.random.key(0))
+    >>> micro = state.micro._replace(b=state.micro.b + 1.0)  # a micro-LoRA that learned something
+    >>> base, micro, rate = consolidate_micro(state.base, micro, 0.5, cfg)
+    >>> float(rate), float(abs(micro.b).sum())  # rate 0.5 * 0.5; the micro-LoRA is reset
+    (0.25, 0.0)
+    >>> bool(abs(base.b).sum() > abs(state.base.b).sum())  # folded into the base
+    True
+  """
   rate = lora.consolidation_rate(mean_q)
   base, micro = lora.consolidate(
     base, micro, rate, base_scale=cfg.base_scale, micro_scale=cfg.micro_scale
@@ -239,7 +341,24 @@ def consolidate_micro(base, micro, mean_q, cfg: SonaConfig):
 
 
 def row_features(rows, bank: patterns.Bank, router_proj, cfg: SonaConfig):
-  """`signal_features` of packed signal rows."""
+  """`signal_features` of packed signal rows.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, sona_jax as sona
+    >>> from sona_jax import buffer
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8,
+    ...                       min_samples=4, pattern_clusters=2, bank_capacity=4, router_steps=2,
+    ...                       router_batch=4, fisher_samples=4)
+    >>> state = sona.init_state(cfg, jax.random.key(0))
+    >>> for i in range(4):  # four signals: two that succeeded (0.9), two that failed (0.1)
+    ...   it = sona.make_interaction(cfg, query=[i + 1.0, 1.0] * 4, quality=0.9 if i < 2 else 0.1,
+    ...                              grad=[0.5, -0.5] * 4, time=i)
+    ...   state, _ = sona.instant_step(state, it, cfg)
+    >>> _, rows, mask = buffer.consume(state.signals)  # the drained rows, padded to capacity
+    >>> feats = row_features(rows, state.bank, state.router_proj, cfg)
+    >>> feats.shape == (cfg.signal_capacity, 1, cfg.router_proj_dim + 2 + cfg.n_tiers)
+    True
+  """
   return signal_features(types.unpack_signals(rows, cfg), bank, router_proj, cfg)
 
 
@@ -254,6 +373,26 @@ def train_router(
   the batch mean then becomes a local sum plus an all-reduce. Without one, each step gathers its
   own mini-batch: under `vmap` over tenants, gathering them all first would materialise
   `[tenants, steps, batch, F]` (measured 1.4x slower at 64 tenants).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, sona_jax as sona
+    >>> from sona_jax import buffer
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8,
+    ...                       min_samples=4, pattern_clusters=2, bank_capacity=4, router_steps=2,
+    ...                       router_batch=4, fisher_samples=4)
+    >>> state = sona.init_state(cfg, jax.random.key(0))
+    >>> for i in range(4):  # four signals: two that succeeded (0.9), two that failed (0.1)
+    ...   it = sona.make_interaction(cfg, query=[i + 1.0, 1.0] * 4, quality=0.9 if i < 2 else 0.1,
+    ...                              grad=[0.5, -0.5] * 4, time=i)
+    ...   state, _ = sona.instant_step(state, it, cfg)
+    >>> _, rows, mask = buffer.consume(state.signals)  # the drained rows, padded to capacity
+    >>> feats = row_features(rows, state.bank, state.router_proj, cfg)
+    >>> rstate, before, after = train_router(state.router, state.ewc, feats, rows, mask, cfg,
+    ...                                      jax.random.key(1))
+    >>> bool(after < before)  # two optax steps lower the loss on the drained signals
+    True
+    >>> jax.tree.structure(rstate.params) == jax.tree.structure(state.router.params)
+    True
   """
   sig = types.unpack_signals(sig_rows, cfg)
   tier, success = signal_labels(sig, cfg)
@@ -288,7 +427,27 @@ def fisher_step(
   ewc_state, params, feats, sig_rows, mask, cfg: SonaConfig, key, place: Placement = ONE_DEVICE
 ):
   """Phase 3: the EWC++ Fisher and anchor updated (`ewc.ewc_step`) from the per-sample gradients
-  of `cfg.fisher_samples` signals drawn from the drained ones at the trained `params`."""
+  of `cfg.fisher_samples` signals drawn from the drained ones at the trained `params`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, sona_jax as sona
+    >>> from sona_jax import buffer
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8,
+    ...                       min_samples=4, pattern_clusters=2, bank_capacity=4, router_steps=2,
+    ...                       router_batch=4, fisher_samples=4)
+    >>> state = sona.init_state(cfg, jax.random.key(0))
+    >>> for i in range(4):  # four signals: two that succeeded (0.9), two that failed (0.1)
+    ...   it = sona.make_interaction(cfg, query=[i + 1.0, 1.0] * 4, quality=0.9 if i < 2 else 0.1,
+    ...                              grad=[0.5, -0.5] * 4, time=i)
+    ...   state, _ = sona.instant_step(state, it, cfg)
+    >>> _, rows, mask = buffer.consume(state.signals)  # the drained rows, padded to capacity
+    >>> feats = row_features(rows, state.bank, state.router_proj, cfg)
+    >>> e = fisher_step(state.ewc, state.router.params, feats, rows, mask, cfg, jax.random.key(1))
+    >>> int(e.count) - int(state.ewc.count)  # one EWC++ update folded in
+    1
+    >>> all(bool((f >= 0).all()) for f in jax.tree.leaves(e.fisher))  # a diagonal Fisher
+    True
+  """
   sig = types.unpack_signals(sig_rows, cfg)
   tier, success = signal_labels(sig, cfg)
   n = feats.shape[0]
@@ -314,7 +473,25 @@ def fisher_step(
 
 def extract_patterns(bank: patterns.Bank, sig_rows, mask, cfg: SonaConfig, key, now):
   """Phase 4: spherical k-means++ over the drained queries, merged into the ReasoningBank:
-  `(bank, patterns.MergeReport)`."""
+  `(bank, patterns.MergeReport)`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, sona_jax as sona
+    >>> from sona_jax import buffer
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8,
+    ...                       min_samples=4, pattern_clusters=2, bank_capacity=4, router_steps=2,
+    ...                       router_batch=4, fisher_samples=4)
+    >>> state = sona.init_state(cfg, jax.random.key(0))
+    >>> for i in range(4):  # four signals: two that succeeded (0.9), two that failed (0.1)
+    ...   it = sona.make_interaction(cfg, query=[i + 1.0, 1.0] * 4, quality=0.9 if i < 2 else 0.1,
+    ...                              grad=[0.5, -0.5] * 4, time=i)
+    ...   state, _ = sona.instant_step(state, it, cfg)
+    >>> _, rows, mask = buffer.consume(state.signals)  # the drained rows, padded to capacity
+    >>> bank, rep = extract_patterns(state.bank, rows, mask, cfg, jax.random.key(1), 3600)
+    >>> n_new = int(rep.n_merged) + int(rep.n_inserted)
+    >>> 0 < n_new <= cfg.pattern_clusters, int(rep.n_evicted)  # an empty bank evicts nothing
+    (True, 0)
+  """
   sig = types.unpack_signals(sig_rows, cfg)
   tier, success = signal_labels(sig, cfg)
   weights = mask.astype(jnp.float32)
@@ -339,7 +516,26 @@ def extract_patterns(bank: patterns.Bank, sig_rows, mask, cfg: SonaConfig, key, 
 
 def update_metrics(mstate, params, feats, sig_rows, mask, cfg: SonaConfig, key, now, n_inserted):
   """Daily bins from the drained signals, retention on the probe set, new probes, patterns:
-  `(metrics state, retention, n_probes)`."""
+  `(metrics state, retention, n_probes)`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, sona_jax as sona
+    >>> from sona_jax import buffer
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8,
+    ...                       min_samples=4, pattern_clusters=2, bank_capacity=4, router_steps=2,
+    ...                       router_batch=4, fisher_samples=4)
+    >>> state = sona.init_state(cfg, jax.random.key(0))
+    >>> for i in range(4):  # four signals: two that succeeded (0.9), two that failed (0.1)
+    ...   it = sona.make_interaction(cfg, query=[i + 1.0, 1.0] * 4, quality=0.9 if i < 2 else 0.1,
+    ...                              grad=[0.5, -0.5] * 4, time=i)
+    ...   state, _ = sona.instant_step(state, it, cfg)
+    >>> _, rows, mask = buffer.consume(state.signals)  # the drained rows, padded to capacity
+    >>> feats = row_features(rows, state.bank, state.router_proj, cfg)
+    >>> m, retention, n_probes = update_metrics(state.metrics, state.router.params, feats, rows,
+    ...                                         mask, cfg, jax.random.key(1), 3600, jnp.int32(2))
+    >>> bool(jnp.isnan(retention)), int(n_probes)  # no probes from earlier cycles to measure on
+    (True, 0)
+  """
   sig = types.unpack_signals(sig_rows, cfg)
   tier, success = signal_labels(sig, cfg)
   daily = metrics.record_signals(mstate.daily, sig_rows, mask, cfg)
@@ -396,6 +592,15 @@ def cycle_phases(
 
   Returns:
     A `CyclePhases` for `run_cycle`.
+
+  Examples:
+    >>> import sona_jax as sona
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8)
+    >>> phases = cycle_phases(cfg)
+    >>> len(phases), phases._fields[:3], phases._fields[-1]  # one jitted callable per phase
+    (9, ('keys', 'drain', 'mean_quality'), 'metrics')
+    >>> cycle_phases(cfg) is phases, phases.drain.__name__  # cached; named for compile logs
+    (True, 'loop_b_drain')
   """
   w, r = place.whole, place.rows
 
@@ -451,6 +656,23 @@ def run_cycle(state: SonaState, phases: CyclePhases, now) -> tuple[SonaState, Cy
 
   Returns:
     `(new state, CycleResult, seconds)`: `seconds` is the wall time per phase and `total`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, sona_jax as sona
+    >>> from sona_jax import buffer
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8,
+    ...                       min_samples=4, pattern_clusters=2, bank_capacity=4, router_steps=2,
+    ...                       router_batch=4, fisher_samples=4)
+    >>> state = sona.init_state(cfg, jax.random.key(0))
+    >>> for i in range(4):  # four signals: two that succeeded (0.9), two that failed (0.1)
+    ...   it = sona.make_interaction(cfg, query=[i + 1.0, 1.0] * 4, quality=0.9 if i < 2 else 0.1,
+    ...                              grad=[0.5, -0.5] * 4, time=i)
+    ...   state, _ = sona.instant_step(state, it, cfg)
+    >>> new, result, seconds = run_cycle(state, cycle_phases(cfg), jnp.int32(3600))
+    >>> int(result.n_signals), float(result.consolidation_rate), int(buffer.unread(new.signals))
+    (4, 0.25, 0)
+    >>> sorted(seconds)
+    ['consolidate', 'drain', 'fisher', 'metrics', 'patterns', 'router', 'total']
   """
   seconds: dict[str, float] = {}
   t_start = t = time.perf_counter()
@@ -494,7 +716,18 @@ def run_cycle(state: SonaState, phases: CyclePhases, now) -> tuple[SonaState, Cy
 
 
 def skip_reason(waiting: int, cfg: SonaConfig, force: bool) -> str:
-  """Why a learner with `waiting` signals does not run ("" when it runs)."""
+  """Why a learner with `waiting` signals does not run ("" when it runs).
+
+  Examples:
+    >>> import sona_jax as sona
+    >>> cfg = sona.SonaConfig(dim=8, min_samples=4)
+    >>> skip_reason(4, cfg, force=False), skip_reason(2, cfg, force=True)
+    ('', '')
+    >>> skip_reason(2, cfg, force=False)
+    '2 signals waiting, 4 needed (cfg.min_samples)'
+    >>> skip_reason(0, cfg, force=True)
+    '0 signals waiting, 1 needed'
+  """
   need = 1 if force else cfg.min_samples
   if waiting >= need:
     return ""
@@ -502,7 +735,19 @@ def skip_reason(waiting: int, cfg: SonaConfig, force: bool) -> str:
 
 
 def make_report(result: CycleResult, seconds: dict | None) -> BackgroundReport:
-  """The host `BackgroundReport` of one learner's cycle."""
+  """The host `BackgroundReport` of one learner's cycle.
+
+  Examples:
+    >>> import numpy as np
+    >>> from sona_jax import patterns
+    >>> i = np.int32
+    >>> merge = patterns.MergeReport(i(1), i(1), i(1), np.array([2, 0], i), np.array([-1, 3], i))
+    >>> result = CycleResult(i(4), i(0), np.float32(0.5), np.float32(0.25), np.float32(0.7),
+    ...                      np.float32(0.6), merge, np.float32(np.nan), i(0))
+    >>> rep = make_report(result, {"total": 0.1})
+    >>> rep.ran, rep.n_signals, rep.consolidation_rate, rep.patterns_inserted, rep.evicted_ids
+    (True, 4, 0.25, 1, (3,))
+  """
   h = to_host
   rep = result.merge
   evicted = h(rep.evicted)
@@ -529,7 +774,26 @@ def background_cycle(
   state: SonaState, cfg: SonaConfig, now, phases: CyclePhases, *, force: bool = False
 ):
   """One learner's Loop B cycle with `phases`: skipped below `cfg.min_samples` waiting signals
-  (at least one with `force`), else `run_cycle`. Returns `(state, BackgroundReport)`."""
+  (at least one with `force`), else `run_cycle`. Returns `(state, BackgroundReport)`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, sona_jax as sona
+    >>> from sona_jax import buffer
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8,
+    ...                       min_samples=4, pattern_clusters=2, bank_capacity=4, router_steps=2,
+    ...                       router_batch=4, fisher_samples=4)
+    >>> state = sona.init_state(cfg, jax.random.key(0))
+    >>> phases = cycle_phases(cfg)
+    >>> background_cycle(state, cfg, 0, phases)[1].reason  # nothing waiting: skipped
+    '0 signals waiting, 4 needed (cfg.min_samples)'
+    >>> for i in range(4):  # four signals: two that succeeded (0.9), two that failed (0.1)
+    ...   it = sona.make_interaction(cfg, query=[i + 1.0, 1.0] * 4, quality=0.9 if i < 2 else 0.1,
+    ...                              grad=[0.5, -0.5] * 4, time=i)
+    ...   state, _ = sona.instant_step(state, it, cfg)
+    >>> state, report = background_cycle(state, cfg, 3600, phases)
+    >>> report.ran, report.n_signals, report.consolidation_rate
+    (True, 4, 0.25)
+  """
   waiting = int(to_host(buffer.unread(state.signals)))
   why = skip_reason(waiting, cfg, force)
   if why:
