@@ -508,7 +508,7 @@ def _progress_bar(total: int, enabled: bool):
 
 
 def _extra(engine) -> dict:
-  return engine._schedule_extra()
+  return engine.schedule_extra()
 
 
 def _deep_summary(report) -> dict:

@@ -1576,13 +1576,24 @@ class Sona:
         self._state,
         self.cfg,
         time_origin=self.time_origin,
-        extra=self._schedule_extra(),
+        extra=self.schedule_extra(),
       )
     _log.info("sona_jax: checkpoint step %d saved to %s", step, self.checkpoint_dir)
     return step
 
-  def _schedule_extra(self) -> dict:
-    """Driver state outside the pytree that a restore needs to continue exactly."""
+  def schedule_extra(self) -> dict:
+    """Driver state outside the pytree that a restore needs to continue exactly (saved in every
+    checkpoint's metadata): the last Loop B and Loop C times and the route key and count.
+
+    Examples:
+      >>> import jax, sona_jax as sona
+      >>> cfg = sona.SonaConfig(dim=4, base_rank=4, graph_capacity=8, signal_capacity=8,
+      ...                       trajectory_capacity=8)
+      >>> engine = sona.Sona(cfg, key=jax.random.key(0))
+      >>> extra = engine.schedule_extra()
+      >>> sorted(extra), extra["route_count"]
+      (['last_background', 'last_deep', 'route_count', 'route_key'], 0)
+    """
     return {
       "last_background": self.last_background,
       "last_deep": self.last_deep,
