@@ -16,7 +16,11 @@ top-10 retrieval: 5 used + 5 unused ids, a graph of 10,000 nodes x 16 slots):
   10 with 5 + 5 and 10 + 10;
 
 in JAX's default CPU mode, in `configure_cpu_low_latency()` mode, and in that mode pinned to one
-CPU (`pin_cpu=`), each mode in its own subprocess (the XLA flag must be set before JAX starts).
+CPU (`pin_cpu=`), all three with Loop A's native CPU kernels (`sona_jax.native`, the default where
+a C++ compiler is found), and in low-latency mode with the pure-JAX rule that GPU and TPU run
+(`jax_rule`), each mode in its own subprocess (the XLA flag must be set before JAX starts). Beside
+each step time, the dispatch floor: a jitted call with the step's arguments, donation and outputs
+that does next to nothing, what no kernel work can remove.
 In the same run, the peer's per-request learning (`beginTrajectory`, `addTrajectoryStep`,
 `endTrajectory`, `flush`) at the same dims, with full-length attention arrays, and the ratio
 ours / peer. The peer column is skipped with a note when Node.js or the npm package is missing
@@ -50,8 +54,36 @@ def count_kernels(compiled_text: str) -> int:
 
   entry = compiled_text[compiled_text.index("ENTRY") :]
   entry = entry[: entry.index("\n}")]
-  ops = [re.search(r"=\s*\S+\s+([\w-]+)\(", line) for line in entry.splitlines()[1:]]
+  # `%name = TYPE op(...)`, TYPE a shape or a tuple of shapes (multi-output fusions, custom calls).
+  pattern = re.compile(r"=\s*(?:\([^()]*\)|\S+)\s+([\w-]+)\(")
+  ops = [pattern.search(line) for line in entry.splitlines()[1:]]
   return sum(1 for m in ops if m and m.group(1) not in _NOT_KERNELS)
+
+
+def _dispatch_floor(state, packed, cfg, n: int) -> float:
+  """p50 (us) of a jitted call with exactly `instant_step`'s arguments, donation and outputs that
+  does next to nothing (one counter add): the dispatch cost no kernel work can remove."""
+  import jax
+  import numpy as np
+
+  from sona_jax.loops import instant
+
+  def nothing(sub, base, emb, p, cfg):
+    return sub._replace(counters=sub.counters.at[0].add(1)), p[:5]
+
+  f = jax.jit(
+    nothing, static_argnums=4, donate_argnums=0, compiler_options=instant.COMPILER_OPTIONS
+  )
+  sub = jax.tree.map(lambda x: x.copy(), instant.split_state(state))
+  for _ in range(100):
+    sub, r = f(sub, state.base, state.graph.emb, packed, cfg)
+  times = []
+  for _ in range(n):
+    t = time.perf_counter()
+    sub, r = f(sub, state.base, state.graph.emb, packed, cfg)
+    jax.block_until_ready((sub, r))
+    times.append(time.perf_counter() - t)
+  return float(np.percentile(times, 50) * 1e6)
 
 
 RESULTS = HERE / "results"
@@ -59,8 +91,9 @@ DEFAULT_DIMS = (256, 768, 4096)
 
 
 def _worker(mode: str, dims: list[int], n: int, batches: int) -> dict:
-  """Runs in a subprocess: measures one CPU mode."""
-  if mode in ("low_latency", "pinned"):
+  """Runs in a subprocess: measures one CPU mode (`jax_rule`: low latency without the native
+  kernels, for the side-by-side)."""
+  if mode in ("low_latency", "pinned", "jax_rule"):
     import os as _os
 
     from sona_jax.runtime import configure_cpu_low_latency
@@ -69,14 +102,26 @@ def _worker(mode: str, dims: list[int], n: int, batches: int) -> dict:
     applied = configure_cpu_low_latency(pin_cpu=pin)
   else:
     applied = {}
+  import functools
+
   import jax
   import jax.numpy as jnp
   import numpy as np
 
   import sona_jax as sona
+  from sona_jax import native
   from sona_jax.loops import instant
+  from sona_jax.runtime import count_compiles
 
-  out = {"mode": mode, "applied": applied, "jax": jax.__version__, "results": []}
+  native.set_enabled(mode != "jax_rule")
+  use_native = native.enabled()
+  out = {
+    "mode": mode,
+    "applied": applied,
+    "jax": jax.__version__,
+    "native": use_native,
+    "results": [],
+  }
 
   def written(state):  # what instant_step wrote
     return (
@@ -125,19 +170,24 @@ def _worker(mode: str, dims: list[int], n: int, batches: int) -> dict:
     ]
     its = [sona.make_interaction(cfg, **a) for a in args]
     packed = sona.types.pack(its[0], cfg)
-    lowered = instant._jitted()[0].lower(
-      instant._split(state), state.base, state.graph.emb, packed, cfg
+    step = jax.jit(
+      functools.partial(instant.transition, use_native=use_native),
+      static_argnums=4,
+      compiler_options=instant.COMPILER_OPTIONS,
     )
+    lowered = step.lower(instant.split_state(state), state.base, state.graph.emb, packed, cfg)
     kernels = count_kernels(lowered.compile().as_text())
+    floor = _dispatch_floor(state, packed, cfg, n)
     for i in range(200):  # warm-up (compiles once)
       state, _ = sona.instant_step(state, its[i % pool], cfg)
     jax.block_until_ready(state)
     step_t, full_t = [], []
-    for i in range(n):
-      t = time.perf_counter()
-      state, _ = sona.instant_step(state, its[i % pool], cfg)
-      jax.block_until_ready(written(state))
-      step_t.append(time.perf_counter() - t)
+    with count_compiles() as compiles:
+      for i in range(n):
+        t = time.perf_counter()
+        state, _ = sona.instant_step(state, its[i % pool], cfg)
+        jax.block_until_ready(written(state))
+        step_t.append(time.perf_counter() - t)
     res = dict(
       dim=dim,
       max_ids=max_ids,
@@ -146,6 +196,8 @@ def _worker(mode: str, dims: list[int], n: int, batches: int) -> dict:
       step_p50_us=float(np.percentile(step_t, 50) * 1e6),
       step_p99_us=float(np.percentile(step_t, 99) * 1e6),
       step_mean_us=float(np.mean(step_t) * 1e6),
+      floor_p50_us=floor,
+      compiles_while_timed=compiles.compiles,
     )
     if not full:
       return res
@@ -177,7 +229,6 @@ def _worker(mode: str, dims: list[int], n: int, batches: int) -> dict:
       full_p99_us=float(np.percentile(full_t, 99) * 1e6),
       pack_p50_us=float(np.percentile(pack_t, 50) * 1e6),
       scan_per_s=float(batches * 256 / scan_s),
-      compiles=int(instant._jitted()[0]._cache_size()),
       rejected=int(state.metrics.rejected),
     )
 
@@ -219,7 +270,8 @@ def main(argv=None) -> int:
   sys.path.insert(0, str(HERE))
   import _peer
 
-  modes = {m: _run_mode(m, a.dims, a.n, a.batches) for m in ("default", "low_latency", "pinned")}
+  names = ("default", "low_latency", "pinned", "jax_rule")
+  modes = {m: _run_mode(m, a.dims, a.n, a.batches) for m in names}
   ok, why = _peer.ensure_peer(install=not a.no_install)
   peer, note = (None, why)
   if ok:
@@ -227,8 +279,8 @@ def main(argv=None) -> int:
   peer_by_dim = {r["dim"]: r for r in (peer or {}).get("results", [])}
 
   header = (
-    f"{'dim':>5} {'mode':<12} {'kernels':>7} {'step p50':>9} {'step p99':>9} {'make+step':>10} "
-    f"{'pack+step':>10} "
+    f"{'dim':>5} {'mode':<12} {'kernels':>7} {'floor':>7} {'step p50':>9} {'step p99':>9} "
+    f"{'make+step':>10} {'pack+step':>10} "
     f"{'scan/s':>10} {'peer p50':>9} {'ratio':>6} {'ratio(m+s)':>10}"
   )
   lines = [header, "-" * len(header)]
@@ -243,7 +295,7 @@ def main(argv=None) -> int:
         dict(r, mode=mode, peer_p50_us=pr and pr["p50_us"], ratio=ratio, ratio_make_step=ratio_full)
       )
       lines.append(
-        f"{dim:>5} {mode:<12} {r['kernels']:>7} "
+        f"{dim:>5} {mode:<12} {r['kernels']:>7} {r['floor_p50_us']:>5.1f}us "
         f"{r['step_p50_us']:>7.1f}us {r['step_p99_us']:>7.1f}us "
         f"{r['full_p50_us']:>8.1f}us {r['pack_p50_us']:>8.1f}us {r['scan_per_s']:>10,.0f} "
         + (
@@ -266,6 +318,14 @@ def main(argv=None) -> int:
     )
   ids_table = "\n".join(cost_lines)
   print("\n" + ids_table)
+  print(
+    "\nmodes: default, low_latency and pinned run Loop A's native CPU kernels"
+    f" (sona_jax.native: {'used' if modes['low_latency']['native'] else 'NOT available'});"
+    " jax_rule is low_latency with the pure-JAX rule (what GPU/TPU run). floor: a jitted call"
+    " with instant_step's arguments, donation and outputs that does next to nothing."
+  )
+  timed_compiles = sum(r["compiles_while_timed"] for m in modes.values() for r in m["results"])
+  print(f"compiles while timing: {timed_compiles} (no retrace)")
   if not peer:
     print(f"\npeer column skipped: {note}")
   else:

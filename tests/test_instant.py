@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import sona_jax as sona
-from sona_jax import buffer, lora, types
+from sona_jax import buffer, lora, native, types
 from sona_jax.loops import instant
 from sona_jax.runtime import count_compiles
 from sona_jax.state import MICRO_UPDATES, PROCESSED, REJECTED
@@ -293,7 +293,7 @@ def test_ten_thousand_steps_compile_once_and_are_deterministic():
         time=i,
       )
     )
-  instant._jitted()[0].clear_cache()
+  instant._jitted(native.enabled())[0].clear_cache()
   with count_compiles() as counter:
     for it in its:
       state, _ = sona.instant_step(state, it, cfg)

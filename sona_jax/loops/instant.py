@@ -30,6 +30,14 @@ micro-LoRA chain (each step reads the adapter the previous one wrote) is a lean 
 validation, feedback inputs and records are vectorised, Hebbian updates run in rounds (the r-th
 update of every anchor at once) and node statistics in closed form.
 
+On CPU the sequential parts run as two native custom calls (`sona_jax.native`, built on first use
+with the system C++ compiler): the micro-LoRA chain and the graph writes (Hebbian row, node
+statistics), interaction by interaction, in place. They replace ~25 kernels of the single step and
+the `lax.scan` and Hebbian rounds of the batch; `jax.lax.platform_dependent` keeps the JAX rule
+above for GPU and TPU, and where the native library is unavailable (no compiler,
+`SONA_JAX_NATIVE=0`). Both paths make the same decisions; float values agree to rounding
+(tests/test_native.py).
+
 Bad values never reach the state: an interaction with a non-finite or out-of-range value, an id
 out of range, duplicated or pointing at a dead node, or a step that would come out non-finite, is
 masked out. The state is then bit-identical to before except the `REJECTED` counter, and the report
@@ -49,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sona_jax import buffer, graph, lora, types
+from sona_jax import buffer, graph, lora, native, types
 from sona_jax.config import SonaConfig
 from sona_jax.state import LAST_TIME, MICRO_UPDATES, PROCESSED, REJECTED, SonaState
 
@@ -546,11 +554,20 @@ def _report(ok, reasons, updated, step_norm, edges_changed):
   )
 
 
-def _step(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, cfg: SonaConfig):
+def _step(
+  sub: LoopAState,
+  base: lora.LoRA,
+  emb: jax.Array,
+  packed: jax.Array,
+  cfg: SonaConfig,
+  use_native: bool = False,
+):
   """The Loop A transition on one packed interaction. Pure; jitted by the callers.
 
   Phases: validate and read rows; feedback direction; micro-LoRA step; Hebbian edges; node
-  statistics; records; counters. Every write is masked by the acceptance decision.
+  statistics; records; counters. Every write is masked by the acceptance decision. `use_native`:
+  the micro-LoRA step runs as the native custom call on CPU (`sona_jax.native`; it must be
+  loaded), the JAX rule on other platforms.
   """
   it = types.unpack(packed, cfg)
   slots = _slot_ids(it, cfg.graph_capacity)
@@ -564,10 +581,36 @@ def _step(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, c
   it, slots = it._replace(time=time), slots._replace(time=time)
   fbk, xa, counts = _feedback(base, sub.micro.a, emb, slots, types.packed_lr(packed, cfg), cfg)
   reasons = _validate(nodes9, it, fbk.sq_x, fbk.sq_grad, cfg)
-  micro, step_norm, reasons, active = _learn(sub.micro, fbk, reasons, cfg, xa=xa)
+  if use_native:  # the chain of one as one custom call on CPU; the JAX rule elsewhere
+
+    def on_cpu(micro):
+      vecs, scalars = _chain_inputs(fbk, reasons, it.time)
+      micro, out, _ = _native_chain(micro, vecs[None], scalars[None], counters[LAST_TIME], cfg)
+      return micro, out[0, 2], jax.lax.bitcast_convert_type(out[0, 0], jnp.int32), out[0, 1] > 0
+
+    micro, step_norm, reasons, active = jax.lax.platform_dependent(
+      sub.micro, cpu=on_cpu, default=lambda micro: _learn(micro, fbk, reasons, cfg, xa=xa)
+    )
+  else:
+    micro, step_norm, reasons, active = _learn(sub.micro, fbk, reasons, cfg, xa=xa)
   ok = reasons == 0
-  edges, edges_changed = _edges(sub.edges, edge_row, slots, reasons, cfg)
-  node_tab = _nodes(sub.node, nodes9[: 2 * cfg.max_ids], slots, fbk.q_eff, reasons, cfg)
+  if use_native:
+
+    def graph_on_cpu(edges, node_tab):
+      edges, node_tab, changed = _native_graph(edges, node_tab, slots, fbk.q_eff, ok, cfg)
+      return edges, node_tab, changed[0]
+
+    def graph_in_jax(edges, node_tab):
+      edges, changed = _edges(edges, edge_row, slots, reasons, cfg)
+      node_tab = _nodes(node_tab, nodes9[: 2 * cfg.max_ids], slots, fbk.q_eff, reasons, cfg)
+      return edges, node_tab, changed
+
+    edges, node_tab, edges_changed = jax.lax.platform_dependent(
+      sub.edges, sub.node, cpu=graph_on_cpu, default=graph_in_jax
+    )
+  else:
+    edges, edges_changed = _edges(sub.edges, edge_row, slots, reasons, cfg)
+    node_tab = _nodes(sub.node, nodes9[: 2 * cfg.max_ids], slots, fbk.q_eff, reasons, cfg)
   signal_row, traj_row = _record_rows(it, fbk.q_eff, cfg, counts)
   signals = buffer.push(sig._replace(meta=sig_meta), signal_row, where=ok)
   trajectories = buffer.push(traj._replace(meta=traj_meta), traj_row, where=ok)
@@ -666,44 +709,31 @@ def _nodes_batch(node_tab, its: types.Interaction, q_eff, ok, cfg: SonaConfig):
 _SCAN_UNROLL = 8
 
 
-def _scan(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, n_valid, cfg):
-  """Loop A over a batch `packed: f32[B, width]`, equal to B sequential `_step`s on its first
-  `n_valid` rows (the rest is padding: never applied, never counted).
-
-  Only the micro-LoRA chain is inherently sequential (each step reads the adapter the previous
-  one wrote), so only it runs in a `lax.scan`; validation, feedback inputs, records, Hebbian
-  updates (in rounds) and node statistics (in closed form) are vectorised over the batch.
-  Interactions without a time take the newest time accepted before them, as one by one.
-  """
-  its = jax.vmap(lambda p: types.unpack(p, cfg))(packed)
-  unset = its.time == types.TIME_UNSET
-  # Validation only asks whether a time is negative: any stamp >= 0 gives the same reasons.
-  # It reads only the ALIVE and GENERATION columns, which Loop A never changes: vectorised is
-  # exact.
-  slots = _slot_ids(its, cfg.graph_capacity)
-  fbk = _feedback_batch(base, emb, slots, types.packed_lr(packed, cfg), cfg)
-  stamped = its._replace(time=jnp.where(unset, sub.counters[LAST_TIME], its.time))
-  nodes9, _, _ = jax.vmap(lambda sl: _read_rows(sub.node, sub.edges, sl))(slots)
-  reasons = jax.vmap(lambda *a: _validate(*a, cfg))(nodes9, stamped, fbk.sq_x, fbk.sq_grad)
-  valid = jnp.arange(packed.shape[0], dtype=jnp.int32) < n_valid
-  reasons = jnp.where(valid, reasons, reasons | _PADDING)
-
-  # The scan reads one vector block and one scalar row per step (each input is a slice per step).
-  vecs = jnp.stack([fbk.x, fbk.y_base, fbk.diff, fbk.grad], axis=1)  # [B, 4, dim]
-  f32 = lambda v: v.astype(jnp.float32)
+def _chain_inputs(f: _Feedback, reasons, time):
+  """The chain's inputs of one interaction: f32[4, dim] vectors (query, query through the base
+  LoRA, feedback difference, gradient) and f32[8] scalars (learning quality, gate, has gradient,
+  |x|^2, |grad|^2, reasons as bits, learning rate, time as bits, < 0 when unset)."""
+  f32 = lambda v: jnp.asarray(v).astype(jnp.float32)
+  vecs = jnp.stack([f.x, f.y_base, f.diff, f.grad])
   scalars = jnp.stack(
     [
-      fbk.q_eff,
-      f32(fbk.open_gate),
-      f32(fbk.has_grad),
-      fbk.sq_x,
-      fbk.sq_grad,
+      f.q_eff,
+      f32(f.open_gate),
+      f32(f.has_grad),
+      f.sq_x,
+      f.sq_grad,
       _bits(reasons),
-      fbk.lr,
-      _bits(jnp.where(unset, -1, its.time)),
-    ],
-    axis=1,
+      f32(f.lr),
+      _bits(time),
+    ]
   )
+  return vecs, scalars
+
+
+def _chain(micro, vecs, scalars, newest, cfg: SonaConfig):
+  """The micro-LoRA chain of a batch in JAX (`lax.scan` of `_learn`): the reference of the native
+  chain and what non-CPU platforms run. Returns `(micro, out)`, `out: f32[B, 4]` per interaction:
+  reasons (bits), active, step norm, time (bits; unset times take the newest accepted before)."""
 
   def body(carry, xs):
     micro, newest = carry
@@ -728,9 +758,83 @@ def _scan(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, n
     out = jnp.stack([_bits(r), active.astype(jnp.float32), step_norm, _bits(t)])  # one output
     return (micro, newest), out
 
-  (micro, _), out = jax.lax.scan(
-    body, (sub.micro, sub.counters[LAST_TIME]), (vecs, scalars), unroll=_SCAN_UNROLL
+  (micro, _), out = jax.lax.scan(body, (micro, newest), (vecs, scalars), unroll=_SCAN_UNROLL)
+  return micro, out
+
+
+def _native_chain(micro, vecs, scalars, newest, cfg: SonaConfig):
+  """`_chain` as one custom call (`sona_jax.native`, CPU only). Returns `(micro, out, newest)`."""
+  a, b, out, newest = native.micro_chain(
+    micro.a, micro.b, vecs, scalars, newest, scale=cfg.micro_scale, clip=cfg.micro_clip
   )
+  return lora.LoRA(a=a, b=b), out, newest
+
+
+def _native_graph(edges, node_tab, slots: types.Interaction, q_eff, ok, cfg: SonaConfig):
+  """`_edges` then `_nodes` of each interaction in order as one custom call (`sona_jax.native`,
+  CPU only), for one interaction (scalar fields) or a batch. Returns `(edges, node, changed)`,
+  `changed: i32[n]`."""
+  ids = jnp.concatenate([slots.used, slots.unused, slots.anchor[..., None]], axis=-1).reshape(
+    -1, 2 * cfg.max_ids + 1
+  )
+  info = jnp.stack(
+    [ok.astype(jnp.int32), _bits_i(q_eff), jnp.asarray(slots.time, jnp.int32)], axis=-1
+  ).reshape(-1, 3)
+  return native.graph_writes(
+    edges,
+    node_tab,
+    ids,
+    info,
+    strengthen=cfg.hebbian_strengthen,
+    weaken=cfg.hebbian_weaken,
+    ema=cfg.node_quality_ema,
+  )
+
+
+def _bits_i(x) -> jax.Array:
+  return jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.int32)
+
+
+def _scan(
+  sub: LoopAState,
+  base: lora.LoRA,
+  emb: jax.Array,
+  packed: jax.Array,
+  n_valid,
+  cfg,
+  use_native: bool = False,
+):
+  """Loop A over a batch `packed: f32[B, width]`, equal to B sequential `_step`s on its first
+  `n_valid` rows (the rest is padding: never applied, never counted).
+
+  Only the micro-LoRA chain is inherently sequential (each step reads the adapter the previous
+  one wrote), so only it runs in a `lax.scan`; validation, feedback inputs, records, Hebbian
+  updates (in rounds) and node statistics (in closed form) are vectorised over the batch.
+  Interactions without a time take the newest time accepted before them, as one by one.
+  """
+  its = jax.vmap(lambda p: types.unpack(p, cfg))(packed)
+  unset = its.time == types.TIME_UNSET
+  # Validation only asks whether a time is negative: any stamp >= 0 gives the same reasons.
+  # It reads only the ALIVE and GENERATION columns, which Loop A never changes: vectorised is
+  # exact.
+  slots = _slot_ids(its, cfg.graph_capacity)
+  fbk = _feedback_batch(base, emb, slots, types.packed_lr(packed, cfg), cfg)
+  stamped = its._replace(time=jnp.where(unset, sub.counters[LAST_TIME], its.time))
+  nodes9, _, _ = jax.vmap(lambda sl: _read_rows(sub.node, sub.edges, sl))(slots)
+  reasons = jax.vmap(lambda *a: _validate(*a, cfg))(nodes9, stamped, fbk.sq_x, fbk.sq_grad)
+  valid = jnp.arange(packed.shape[0], dtype=jnp.int32) < n_valid
+  reasons = jnp.where(valid, reasons, reasons | _PADDING)
+
+  vecs, scalars = jax.vmap(_chain_inputs)(fbk, reasons, jnp.where(unset, -1, its.time))
+  newest = sub.counters[LAST_TIME]
+  if use_native:
+    micro, out = jax.lax.platform_dependent(
+      sub.micro,
+      cpu=lambda m: _native_chain(m, vecs, scalars, newest, cfg)[:2],
+      default=lambda m: _chain(m, vecs, scalars, newest, cfg),
+    )
+  else:
+    micro, out = _chain(sub.micro, vecs, scalars, newest, cfg)
   reasons = jax.lax.bitcast_convert_type(out[:, 0], jnp.int32)
   active, step_norm = out[:, 1] > 0, out[:, 2]
   times = jnp.where(unset, jax.lax.bitcast_convert_type(out[:, 3], jnp.int32), its.time)
@@ -738,8 +842,21 @@ def _scan(sub: LoopAState, base: lora.LoRA, emb: jax.Array, packed: jax.Array, n
   slots = slots._replace(time=times)
   ok = reasons == 0
   updated = ok & active
-  edges, edges_changed = _edges_batch(sub.edges, slots, ok, cfg)
-  node_tab = _nodes_batch(sub.node, slots, fbk.q_eff, ok, cfg)
+  if use_native:  # interaction by interaction on CPU; in rounds and closed form elsewhere
+
+    def graph_in_jax(edges, node_tab):
+      edges, changed = _edges_batch(edges, slots, ok, cfg)
+      return edges, _nodes_batch(node_tab, slots, fbk.q_eff, ok, cfg), changed
+
+    edges, node_tab, edges_changed = jax.lax.platform_dependent(
+      sub.edges,
+      sub.node,
+      cpu=lambda e, n: _native_graph(e, n, slots, fbk.q_eff, ok, cfg),
+      default=graph_in_jax,
+    )
+  else:
+    edges, edges_changed = _edges_batch(sub.edges, slots, ok, cfg)
+    node_tab = _nodes_batch(sub.node, slots, fbk.q_eff, ok, cfg)
   signal_rows, traj_rows = jax.vmap(lambda i, q: _record_rows(i, q, cfg))(its, fbk.q_eff)
   signals = buffer.push_many(sub.signals, signal_rows, where=ok)
   trajectories = buffer.push_many(sub.trajectories, traj_rows, where=ok)
@@ -762,16 +879,25 @@ _COMPILER_OPTIONS = {
 
 
 @functools.cache
-def _jitted():
-  """`(step, scan)` jitted with `_COMPILER_OPTIONS`, or without them on an XLA that lacks them."""
+def _options() -> dict:
+  """`_COMPILER_OPTIONS`, or none on an XLA that lacks them."""
   options = dict(_COMPILER_OPTIONS)
   try:
     jax.jit(lambda v: v + 1, compiler_options=options).lower(jnp.float32(0)).compile()
   except Exception as e:  # an option this XLA does not know: compile plainly, and say so
     logging.getLogger("sona_jax").warning("Loop A compiles without %s: %s", options, e)
     options = {}
-  step = jax.jit(_step, static_argnums=4, donate_argnums=0, compiler_options=options)
-  scan = jax.jit(_scan, static_argnums=5, donate_argnums=0, compiler_options=options)
+  return options
+
+
+@functools.cache
+def _jitted(use_native: bool = False):
+  """`(step, scan)` jitted with `_options()`; `use_native`: with the native chain on CPU."""
+  options = _options()
+  step = functools.partial(_step, use_native=use_native)
+  scan = functools.partial(_scan, use_native=use_native)
+  step = jax.jit(step, static_argnums=4, donate_argnums=0, compiler_options=options)
+  scan = jax.jit(scan, static_argnums=5, donate_argnums=0, compiler_options=options)
   return step, scan
 
 
@@ -873,7 +999,11 @@ def step_packed(state: SonaState, packed, cfg: SonaConfig):
     >>> bool(report.accepted), "BAD_QUALITY" in report.reason_names(), int(state.step)
     (False, True, 1)
   """
-  step = _step if _traced(packed, state) else _jitted()[0]  # inside a user's jit: inline
+  use_native = native.enabled()
+  if _traced(packed, state):  # inside a user's jit: inline
+    step = functools.partial(_step, use_native=use_native)
+  else:
+    step = _jitted(use_native)[0]
   sub, report = step(_split(state), state.base, state.graph.emb, packed, cfg)
   return _merge(state, sub), InstantReport(report)
 
@@ -936,7 +1066,11 @@ def scan_packed(state: SonaState, packed, cfg: SonaConfig, *, n_valid=None):
   """
   n = packed.shape[0] if n_valid is None else n_valid
   n = jnp.asarray(n, jnp.int32)
-  scan = _scan if _traced(packed, state) else _jitted()[1]
+  use_native = native.enabled()
+  if _traced(packed, state):
+    scan = functools.partial(_scan, use_native=use_native)
+  else:
+    scan = _jitted(use_native)[1]
   sub, report = scan(_split(state), state.base, state.graph.emb, packed, n, cfg)
   return _merge(state, sub), InstantReport(report)
 
