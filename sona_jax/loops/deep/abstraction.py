@@ -76,6 +76,14 @@ def ward_levels(x, *, branching: int = 8, max_levels: int = 3) -> list[np.ndarra
 
   Returns:
     One `i64[n]` label array per level, labels `0 .. k_l - 1`.
+
+  Examples:
+    >>> import numpy as np
+    >>> x = np.array([[1, 0.1 * i, 0] for i in range(4)] + [[0, 1, 0.1 * i] for i in range(4)])
+    >>> [lab.tolist() for lab in ward_levels(x, branching=2)]  # 4, 2, then 1 cluster: nested
+    [[2, 2, 0, 0, 3, 3, 1, 1], [0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 0]]
+    >>> [int(lab.max()) + 1 for lab in ward_levels(x, branching=4)]  # ceil(8 / 4), then the root
+    [2, 1]
   """
   x = _unit(x)
   n = x.shape[0]
@@ -168,6 +176,25 @@ def abstract_patterns(
 
   Returns:
     `(bank, AbstractionReport)`.
+
+  Examples:
+    >>> import numpy as np, sona_jax as sona
+    >>> from sona_jax import patterns
+    >>> cfg = sona.SonaConfig(dim=8)  # abstraction_min_cluster 3
+    >>> x = np.zeros((8, 8), np.float32)  # two groups of 4 patterns
+    >>> x[:, :3] = [[1, 0.1 * i, 0] for i in range(4)] + [[0, 1, 0.1 * i] for i in range(4)]
+    >>> x /= np.linalg.norm(x, axis=1, keepdims=True)  # unit centroids
+    >>> bank = patterns.init_bank(20, 8, 3)  # room for 20 * 0.1 = 2 meta-patterns
+    >>> bank = bank._replace(centroid=bank.centroid.at[:8].set(x), size=bank.size.at[:8].set(1.0),
+    ...                      alive=bank.alive.at[:8].set(True))
+    >>> bank, rep = abstract_patterns(bank, cfg, now=0, branching=4)
+    >>> rep.cuts, rep.meta_ids, rep.meta_levels, rep.meta_members  # level 2: 2 roots, too few
+    ((2, 1), (8, 9), (1, 1), (4, 4))
+    >>> bank.parent[:10].tolist(), bank.size[8:10].tolist()
+    ([8, 8, 8, 8, 9, 9, 9, 9, -1, -1], [4.0, 4.0])
+    >>> bank, rep = abstract_patterns(bank, cfg, now=0, branching=4)  # rebuilt, not stacked
+    >>> rep.removed_ids, rep.meta_ids, int(bank.alive.sum())
+    ((8, 9), (8, 9), 10)
   """
   t0 = time.perf_counter()
   if branching < 2:

@@ -55,6 +55,18 @@ def find_analogies(
   Returns:
     `(pairs i32[m, 2], confidence f32[m], n_concepts_total)`, pairs `(a, b)` with `domain[a] <
     domain[b]`, sorted.
+
+  Examples:
+    >>> import numpy as np
+    >>> emb = np.zeros((8, 8), np.float32)
+    >>> emb[:4, 0] = emb[4:, 1] = 1.0  # domain centres e0 (nodes 0-3) and e1 (nodes 4-7)
+    >>> emb[:4, 2:4] = emb[4:, 2:4] = [[1, 0], [-1, 0], [0, 1], [0, -1]]  # the same four roles
+    >>> domain, access = np.array([0, 0, 0, 0, 1, 1, 1, 1]), np.zeros(8, int)
+    >>> pairs, conf, n = find_analogies(emb, domain, access)
+    >>> pairs.tolist(), conf.tolist(), n  # each concept maps to the one in the same role
+    ([[0, 4], [1, 5], [2, 6], [3, 7]], [1.0, 1.0, 1.0, 1.0], 8)
+    >>> find_analogies(emb, domain, access, min_domain_size=5)[0].shape  # domains too small
+    (0, 2)
   """
   domain = np.asarray(domain)
   access = np.asarray(access)
@@ -160,6 +172,24 @@ def transfer(
 
   Returns:
     `(graph, TransferReport)`.
+
+  Examples:
+    >>> import jax.numpy as jnp, numpy as np, sona_jax as sona
+    >>> from sona_jax import graph as G
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, graph_degree=4)
+    >>> emb = np.zeros((8, 8), np.float32)
+    >>> emb[:4, 0] = emb[4:, 1] = 1.0  # domain centres e0 (nodes 0-3) and e1 (nodes 4-7)
+    >>> emb[:4, 2:4] = emb[4:, 2:4] = [[1, 0], [-1, 0], [0, 1], [0, -1]]  # the same four roles
+    >>> g, _, _ = G.add_nodes(G.init_graph(16, 8, 4), jnp.asarray(emb))
+    >>> src, dst = np.nonzero(np.kron(np.eye(2), np.ones((4, 4))) - np.eye(8))  # two 4-cliques
+    >>> g, _ = G.add_edges(g, src, dst, [0.5] * 24, G.HEBBIAN)
+    >>> g, rep = transfer(g, cfg)
+    >>> rep.n_domains, rep.domain_sizes, g.domain[:9].tolist()  # slot 8 is dead: no domain
+    (2, (4, 4), [0, 0, 0, 0, 1, 1, 1, 1, -1])
+    >>> rep.analogies.tolist(), len(rep.edges.inserted)  # ANALOGY edges, both directions
+    ([[0, 4], [1, 5], [2, 6], [3, 7]], 8)
+    >>> g.nbr[0].tolist(), [G.EDGE_KINDS[k] for k in g.kind[0].tolist()]
+    ([1, 2, 3, 4], ['HEBBIAN', 'HEBBIAN', 'HEBBIAN', 'ANALOGY'])
   """
   t0 = time.perf_counter()
   domain, info = communities(graph, seed=cfg.louvain_seed, max_nodes=louvain_max_nodes)

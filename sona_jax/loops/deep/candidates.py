@@ -26,7 +26,15 @@ NO_PAIRS = np.zeros((0, 2), np.int32)
 
 
 def pairs_array(a, b) -> np.ndarray:
-  """`i32[m, 2]` pairs `(a[k], b[k])`."""
+  """`i32[m, 2]` pairs `(a[k], b[k])`.
+
+  Examples:
+    >>> p = pairs_array([0, 2], [1, 3])
+    >>> p.dtype.name, p.tolist()
+    ('int32', [[0, 1], [2, 3]])
+    >>> pairs_array([], []).shape  # no pair: still two columns
+    (0, 2)
+  """
   return np.stack([np.asarray(a, np.int32), np.asarray(b, np.int32)], axis=1).reshape(-1, 2)
 
 
@@ -69,6 +77,19 @@ def candidate_pairs(
 
   Returns:
     `Candidates`.
+
+  Examples:
+    >>> import jax, numpy as np, sona_jax as sona
+    >>> cfg = sona.SonaConfig(dim=8)
+    >>> emb = np.zeros((4, 8), np.float32)
+    >>> emb[:, :2] = [[1, 0], [0.8, 0.6], [0.6, 0.8], [1, 0]]
+    >>> mask = np.array([True, True, True, False])  # row 3 (a copy of row 0) is not searched
+    >>> c = candidate_pairs(emb, mask, 0.9, cfg, jax.random.key(0), exact_max=4096,
+    ...                     measure_recall=False)
+    >>> c.i.tolist(), c.j.tolist(), c.cos.astype(float).round(2).tolist()  # cos(0, 1) = 0.8 < 0.9
+    ([1], [2], [0.96])
+    >>> c.method, c.recall, c.index  # 3 rows <= exact_max: brute force, no inverted file
+    ('exact', 1.0, None)
   """
   n = int(np.count_nonzero(mask))
   if n <= exact_max:

@@ -203,6 +203,24 @@ def compress_memory(
 
   Returns:
     `(graph, CompressionReport)`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, sona_jax as sona
+    >>> from sona_jax import graph as G
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, graph_degree=4)
+    >>> xy = jnp.array([[1, 0], [1, 0.1], [0, 1], [-1, 0]], jnp.float32)  # cos(0, 1) = 0.995
+    >>> g, _, _ = G.add_nodes(G.init_graph(16, 8, 4), jnp.pad(xy, ((0, 0), (0, 6))))
+    >>> g = g._replace(node=g.node.at[:4, G.ACCESS].set(jnp.array([5, 1, 3, 3])))
+    >>> g, _ = G.add_edges(g, [1, 2, 0], [2, 1, 3], [0.5, 0.6, 0.005], G.HEBBIAN)
+    >>> g, rep = compress_memory(g, cfg, key=jax.random.key(0))
+    >>> rep.merged.tolist(), g.alive[:4].tolist()  # the duplicate 1 is gone into 0 (more used)
+    ([[1, 0]], [True, False, True, True])
+    >>> g.nbr[0, :2].tolist(), int(g.nbr[2, 0])  # 1's edges now link 0 and 2 both ways
+    ([-1, 2], 0)
+    >>> rep.pruned.tolist(), rep.final_nodes, round(rep.ratio, 3)  # 0 -> 3 was below 0.01
+    ([[0, 3]], 3, 1.333)
+    >>> int(g.access_count[0])  # the survivor sums the accesses
+    6
   """
   t0 = time.perf_counter()
   k = graph.degree

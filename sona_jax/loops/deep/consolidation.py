@@ -90,6 +90,23 @@ def consolidate_memories(
 
   Returns:
     `(graph, ConsolidationReport)`.
+
+  Examples:
+    >>> import jax.numpy as jnp, sona_jax as sona
+    >>> from sona_jax import graph as G
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, graph_degree=4)
+    >>> xy = jnp.array([[1, 0], [0.8, 0.6], [0, 1], [1, 1]], jnp.float32)  # cos(0, 1) = 0.8
+    >>> g, _, _ = G.add_nodes(G.init_graph(16, 8, 4), jnp.pad(xy, ((0, 0), (0, 6))), quality=0.9)
+    >>> g = g._replace(node=g.node.at[:4, G.ACCESS].set(jnp.array([9, 9, 9, 0])))  # made at t 0
+    >>> g, rep = consolidate_memories(g, cfg, now=40 * 86_400)  # 40 days later
+    >>> rep.high_value, rep.strengthened.tolist()  # 0-2: access > 5, quality > 0.7; cos > 0.7
+    (3, [[0, 1]])
+    >>> rep.inserted.tolist(), G.EDGE_KINDS[int(g.kind[0, 0])]  # new edges, both directions
+    ([[0, 1], [1, 0]], 'CONSOLIDATED')
+    >>> round(float(g.w[0, 0]), 4)  # consolidate_rate 0.1 * cos 0.8
+    0.08
+    >>> rep.decayed.tolist(), g.strength[:4].tolist()  # node 3: never accessed, 40 days old
+    ([3], [1.0, 1.0, 1.0, 0.5])
   """
   t0 = time.perf_counter()
   key = jax.random.key(0) if key is None else key

@@ -55,6 +55,25 @@ def deep_step(state: SonaState, cfg: SonaConfig, now, *, measure_recall: bool = 
 
   Returns:
     `(state, DeepReport)`: the state with a new graph, bank and key.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, sona_jax as sona
+    >>> from sona_jax import graph as G, metrics
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, graph_degree=4, signal_capacity=8,
+    ...                       trajectory_capacity=8, n_dreams=8, dream_length=3)
+    >>> state = sona.init_state(cfg, jax.random.key(0))
+    >>> g, _, _ = G.add_nodes(state.graph, jnp.eye(8)[jnp.array([0, 0, 1, 2])])  # 1 copies 0
+    >>> g, _ = G.add_edges(g, [0, 1, 2, 3], [2, 3, 3, 0], [0.5] * 4, G.HEBBIAN)
+    >>> state, report = deep_step(state._replace(graph=g), cfg, now=86_400)
+    >>> list(report.seconds)  # the six phases, in order
+    ['consolidation', 'abstraction', 'dreams', 'transfer', 'compression', 'phi', 'total']
+    >>> report.compression.merged.tolist(), int(state.graph.alive.sum())  # 1 merged into 0
+    ([[1, 0]], 3)
+    >>> report.phi.n_nodes, round(report.phi.phi, 3)  # Phi_AR of the compressed graph
+    (3, 0.519)
+    >>> day = metrics.daily_table(state.metrics.daily)[-1]  # recorded in today's metrics
+    >>> day["day"], round(day["phi"], 3)
+    (1, 0.519)
   """
   seconds: dict[str, float] = {}
   t_start = t = time.perf_counter()

@@ -88,6 +88,21 @@ def dream_starts(graph: G.Graph, key, n: int, *, walk_synthetic: bool = False) -
 
   Returns:
     i32[n] start nodes.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from sona_jax import graph as G
+    >>> xyz = jnp.array([[1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 0, 1]], jnp.float32)
+    >>> g, _, _ = G.add_nodes(G.init_graph(16, 8, 4), jnp.pad(xyz, ((0, 0), (0, 5))))  # unit-norm
+    >>> g, _ = G.add_edges(g, [0, 1, 2], [1, 2, 3], [0.9, 0.8, 0.7], G.HEBBIAN)  # 0 -> 1 -> 2 -> 3
+    >>> g = g._replace(node=g.node.at[0, G.ACCESS].set(100))  # node 0 is recalled most
+    >>> starts = dream_starts(g, jax.random.key(0), 8)
+    >>> set(starts.tolist()) <= {0, 1, 2}  # never node 3 (no edge out) nor a dead slot
+    True
+    >>> bool((starts == 0).sum() > 4)  # probability 101 / 103 each
+    True
+    >>> dream_starts(G.init_graph(16, 8, 4), jax.random.key(0), 8).tolist()  # nothing walkable
+    [-1, -1, -1, -1, -1, -1, -1, -1]
   """
   k = graph.degree
   ok = _walkable(graph.edges[:, 2 * k :], graph.edges[:, :k], walk_synthetic)
@@ -123,6 +138,20 @@ def dream_walks(
   Returns:
     `(paths i32[W, length + 1], moved bool[W, length])`: the visited nodes, start first, and
     whether each step moved.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from sona_jax import graph as G
+    >>> xyz = jnp.array([[1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 0, 1]], jnp.float32)
+    >>> g, _, _ = G.add_nodes(G.init_graph(16, 8, 4), jnp.pad(xyz, ((0, 0), (0, 5))))  # unit-norm
+    >>> g, _ = G.add_edges(g, [0, 1, 2], [1, 2, 3], [0.9, 0.8, 0.7], G.HEBBIAN)  # 0 -> 1 -> 2 -> 3
+    >>> g, _ = G.add_edges(g, [0], [3], [0.1], G.HEBBIAN)  # a weaker branch 0 -> 3
+    >>> paths, moved = dream_walks(g, jnp.array([0, 2]), jax.random.key(0), length=3,
+    ...                            temperature=0.0)  # temperature 0: the heaviest edge
+    >>> paths.tolist()  # node 3 has no edge out: the second walk stays there
+    [[0, 1, 2, 3], [2, 3, 3, 3]]
+    >>> moved.tolist()
+    [[True, True, True], [True, False, False]]
   """
   k = graph.degree
   starts = jnp.asarray(starts, jnp.int32)
@@ -173,6 +202,22 @@ def walk_stats(graph: G.Graph, paths, moved) -> WalkStats:
 
   Returns:
     `WalkStats`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from sona_jax import graph as G
+    >>> xyz = jnp.array([[1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 0, 1]], jnp.float32)
+    >>> g, _, _ = G.add_nodes(G.init_graph(16, 8, 4), jnp.pad(xyz, ((0, 0), (0, 5))))  # unit-norm
+    >>> g, _ = G.add_edges(g, [0, 1, 2], [1, 2, 3], [0.9, 0.8, 0.7], G.HEBBIAN)  # 0 -> 1 -> 2 -> 3
+    >>> paths = jnp.array([[0, 1, 2, 3], [2, 3, 3, 3]])
+    >>> moved = jnp.array([[True, True, True], [True, False, False]])
+    >>> st = walk_stats(g, paths, moved)
+    >>> [round(float(x), 4) for x in st.novelty]  # walk 0 reached 1, 2, 3: only 1 links to 0
+    [0.6667, 0.0]
+    >>> [round(float(x), 4) for x in st.coherence]  # (0.7071 + 0.8165 + 0.8165) / 3; cos(2, 3)
+    [0.78, 0.8165]
+    >>> st.novel[0].tolist(), [round(float(x), 4) for x in st.strength[0]]  # cos(start, node)
+    ([False, False, True, True], [1.0, 0.7071, 0.5774, 0.7071])
   """
   k = graph.degree
   paths = jnp.asarray(paths, jnp.int32)
@@ -223,6 +268,25 @@ def dream(
 
   Returns:
     `(graph, DreamReport)`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, sona_jax as sona
+    >>> from sona_jax import graph as G
+    >>> xyz = jnp.array([[1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 0, 1]], jnp.float32)
+    >>> g, _, _ = G.add_nodes(G.init_graph(16, 8, 4), jnp.pad(xyz, ((0, 0), (0, 5))))  # unit-norm
+    >>> g, _ = G.add_edges(g, [0, 1, 2], [1, 2, 3], [0.9, 0.8, 0.7], G.HEBBIAN)  # 0 -> 1 -> 2 -> 3
+    >>> g = g._replace(node=g.node.at[0, G.ACCESS].set(100))  # node 0 dreams most
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, graph_degree=4, n_dreams=8,
+    ...                       dream_length=3)
+    >>> g, rep = dream(g, cfg, jax.random.key(0))
+    >>> rep.n_dreams, rep.paths.shape
+    (8, (8, 4))
+    >>> rep.proposed.tolist()  # only walks from 0 are novel (2/3 > 0.5) and coherent enough
+    [[0, 2], [0, 3]]
+    >>> [round(float(x), 4) for x in rep.weights]  # dream_edge_scale 0.1 * cos(0, node)
+    [0.0577, 0.0707]
+    >>> g.nbr[0].tolist(), [G.EDGE_KINDS[k] for k in g.kind[0, :3].tolist()]  # 0's row now
+    ([1, 3, 2, -1], ['HEBBIAN', 'CREATIVE', 'CREATIVE'])
   """
   t0 = time.perf_counter()
   k_start, k_walk = jax.random.split(key)

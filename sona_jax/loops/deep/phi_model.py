@@ -84,7 +84,17 @@ MEASURES = {"ar": 1.0, "si": 0.5}
 
 
 def check_weights(weights) -> np.ndarray:
-  """`weights` as a finite float64 `[n, n]` matrix; `ValueError` naming the problem otherwise."""
+  """`weights` as a finite float64 `[n, n]` matrix; `ValueError` naming the problem otherwise.
+
+  Examples:
+    >>> w = check_weights([[0, 1], [1, 0]])  # ints and nested lists are accepted
+    >>> w.dtype.name, w.shape
+    ('float64', (2, 2))
+    >>> check_weights([[0.0, float("nan")], [1.0, 0.0]])
+    Traceback (most recent call last):
+    ...
+    ValueError: phi_ar: weights must be finite, got nan at [0, 1] (1 entries)
+  """
   w = np.asarray(weights)
   if w.ndim != 2 or w.shape[0] != w.shape[1]:
     raise ValueError(f"phi_ar: weights must be a square [n, n] matrix, got shape {w.shape}")
@@ -96,8 +106,9 @@ def check_weights(weights) -> np.ndarray:
   bad = ~np.isfinite(w)
   if bad.any():
     i, j = np.argwhere(bad)[0]
+    value = float(w[i, j])  # a Python float: the message reads `nan`, not `np.float64(nan)`
     raise ValueError(
-      f"phi_ar: weights must be finite, got {w[i, j]!r} at [{i}, {j}] ({int(bad.sum())} entries)"
+      f"phi_ar: weights must be finite, got {value!r} at [{i}, {j}] ({int(bad.sum())} entries)"
     )
   return w
 
@@ -203,6 +214,15 @@ def scale_factor(weights, *, spectral_radius: float = 0.9) -> float:
 
   Returns:
     `s` for the matrix as given (not max-normalised).
+
+  Examples:
+    >>> import numpy as np
+    >>> two_cycle = np.array([[0.0, 1.0], [1.0, 0.0]])  # rho(W) = 1
+    >>> scale_factor(two_cycle), scale_factor(2 * two_cycle)  # 0.9 / rho(W): the same A = s W^T
+    (0.9, 0.45)
+    >>> s = scale_factor(np.array([[0.0, 1.0], [0.0, 0.0]]))  # a DAG: rho(W) = 0, the cap sets s
+    >>> round(1 + s**2)  # node 1's stationary variance 1 + s^2 reaches MAX_VARIANCE
+    10000
   """
   w = check_weights(weights)
   check_radius(spectral_radius)
@@ -214,13 +234,29 @@ def scale_factor(weights, *, spectral_radius: float = 0.9) -> float:
 
 
 def check_measure(measure) -> None:
-  """`ValueError` unless `measure` is a key of `MEASURES`."""
+  """`ValueError` unless `measure` is a key of `MEASURES`.
+
+  Examples:
+    >>> check_measure("si")  # a known measure: nothing happens
+    >>> check_measure("iit")
+    Traceback (most recent call last):
+    ...
+    ValueError: phi_ar: measure must be one of ('ar', 'si'), got 'iit'
+  """
   if measure not in MEASURES:
     raise ValueError(f"phi_ar: measure must be one of {tuple(MEASURES)}, got {measure!r}")
 
 
 def check_radius(spectral_radius) -> None:
-  """`ValueError` unless `spectral_radius` is a number in (0, 1)."""
+  """`ValueError` unless `spectral_radius` is a number in (0, 1).
+
+  Examples:
+    >>> check_radius(0.9)  # in (0, 1): nothing happens
+    >>> check_radius(1.0)  # the VAR(1) model would not be stationary
+    Traceback (most recent call last):
+    ...
+    ValueError: phi_ar: spectral_radius must be in (0, 1), got 1.0
+  """
   if not (isinstance(spectral_radius, (int, float)) and 0.0 < spectral_radius < 1.0):
     raise ValueError(f"phi_ar: spectral_radius must be in (0, 1), got {spectral_radius!r}")
 
@@ -237,7 +273,20 @@ class System(NamedTuple):
 
 
 def make_system(w: np.ndarray, spectral_radius: float, measure: str) -> System | None:
-  """The model of the weights `w` (`check_weights`) for `measure`; None for a zero matrix."""
+  """The model of the weights `w` (`check_weights`) for `measure`; None for a zero matrix.
+
+  Examples:
+    >>> import math, numpy as np
+    >>> sys = make_system(np.array([[0.0, 1.0], [1.0, 0.0]]), 0.9, "ar")  # A = 0.9 W^T
+    >>> sys.sigma.round(3).tolist()  # Sigma = A Sigma A^T + I = I / (1 - 0.81)
+    [[5.263, 0.0], [0.0, 5.263]]
+    >>> sys.joint.shape, sys.joint[:2, 2:].round(3).tolist()  # Gamma = A Sigma
+    ((4, 4), [[0.0, 4.737], [4.737, 0.0]])
+    >>> round(sys.i_whole, 4), round(math.log(1 / 0.19), 4)  # I(X) = 1/2 log det Sigma
+    (1.6607, 1.6607)
+    >>> make_system(np.zeros((2, 2)), 0.9, "ar") is None
+    True
+  """
   top = float(np.abs(w).max()) if w.size else 0.0
   if top == 0.0:
     return None
@@ -253,7 +302,15 @@ def make_system(w: np.ndarray, spectral_radius: float, measure: str) -> System |
 
 
 def logdet(m: np.ndarray) -> float:
-  """log det of a symmetric positive-definite matrix (here all are >= the noise, so well posed)."""
+  """log det of a symmetric positive-definite matrix (here all are >= the noise, so well posed).
+
+  Examples:
+    >>> import numpy as np
+    >>> round(logdet(np.diag([2.0, 3.0])), 6), round(float(np.log(6.0)), 6)
+    (1.791759, 1.791759)
+    >>> logdet(np.zeros((0, 0)))  # the empty part
+    0.0
+  """
   if m.shape[0] == 0:
     return 0.0
   try:
@@ -264,7 +321,19 @@ def logdet(m: np.ndarray) -> float:
 
 
 def part_terms(sys: System, idx: np.ndarray) -> tuple[float, float]:
-  """`(T(M), H(M))` of the nodes `idx` (`T(M) = I(M)` for "ar", see `System`)."""
+  """`(T(M), H(M))` of the nodes `idx` (`T(M) = I(M)` for "ar", see `System`).
+
+  Examples:
+    >>> import math, numpy as np
+    >>> sys = make_system(np.array([[0.0, 1.0], [1.0, 0.0]]), 0.9, "ar")
+    >>> info, ent = part_terms(sys, np.array([0]))
+    >>> abs(info) < 1e-12  # in a 2-cycle a node's own past says nothing about its next value
+    True
+    >>> round(ent, 4), round(0.5 * (LOG_2PI_E + math.log(1 / 0.19)), 4)  # Gaussian entropy
+    (2.2493, 2.2493)
+    >>> round(part_terms(sys, np.array([0, 1]))[0], 4) == round(sys.i_whole, 4)  # the whole: I(X)
+    True
+  """
   n = sys.sigma.shape[0]
   ld_s = logdet(sys.sigma[np.ix_(idx, idx)])
   idx2 = np.concatenate([idx, idx + n])
@@ -273,7 +342,17 @@ def part_terms(sys: System, idx: np.ndarray) -> tuple[float, float]:
 
 
 def evaluate(sys: System, side: np.ndarray) -> tuple[float, float]:
-  """Raw `(phi, phi / K)` of the bipartition `side` (both sides non-empty)."""
+  """Raw `(phi, phi / K)` of the bipartition `side` (both sides non-empty).
+
+  Examples:
+    >>> import numpy as np
+    >>> sys = make_system(np.array([[0.0, 1.0], [1.0, 0.0]]), 0.9, "ar")
+    >>> phi, norm = evaluate(sys, np.array([True, False]))
+    >>> round(phi, 4), round(sys.i_whole, 4)  # the parts predict nothing alone: phi = I(X)
+    (1.6607, 1.6607)
+    >>> round(norm, 4)  # phi / K, K = (2 - 1) * min_k H(M_k)
+    0.7383
+  """
   i1, h1 = part_terms(sys, np.flatnonzero(side))
   i2, h2 = part_terms(sys, np.flatnonzero(~side))
   phi = sys.i_whole - i1 - i2

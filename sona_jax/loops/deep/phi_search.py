@@ -46,7 +46,18 @@ _REL_IMPROVE = 1e-12  # a move must improve the objective by this much (relative
 
 
 def exhaustive_mib(sys: System) -> np.ndarray:
-  """The MIB over all `2^(n-1) - 1` bipartitions (node `n - 1` always on side M2)."""
+  """The MIB over all `2^(n-1) - 1` bipartitions (node `n - 1` always on side M2).
+
+  Examples:
+    >>> import numpy as np
+    >>> from sona_jax.loops.deep.phi_model import make_system
+    >>> w = np.zeros((6, 6))  # two 3-cycles, the first driving the second through 0 -> 3
+    >>> for i in range(3):
+    ...   w[i, (i + 1) % 3] = w[3 + i, 3 + (i + 1) % 3] = 1.0
+    >>> w[0, 3] = 2.0
+    >>> exhaustive_mib(make_system(w, 0.9, "ar")).tolist()  # the cut between the cycles
+    [True, True, True, False, False, False]
+  """
   n = sys.sigma.shape[0]
   full = (1 << n) - 1
   info = np.zeros(full + 1)
@@ -339,7 +350,22 @@ def _fm_pass(cut: _Cut, cur: float) -> float:
 
 def spectral_mib(sys: System, w: np.ndarray) -> np.ndarray:
   """Spectral MIB search: sweep cuts along Fiedler orderings, greedy descents from the sweeps' best
-  local minima, then Fiduccia-Mattheyses passes from the best distinct greedy minima."""
+  local minima, then Fiduccia-Mattheyses passes from the best distinct greedy minima.
+
+  Examples:
+    >>> import numpy as np
+    >>> from sona_jax.loops.deep.phi_model import make_system
+    >>> w = np.zeros((6, 6))  # two 3-cycles, the first driving the second through 0 -> 3
+    >>> for i in range(3):
+    ...   w[i, (i + 1) % 3] = w[3 + i, 3 + (i + 1) % 3] = 1.0
+    >>> w[0, 3] = 2.0
+    >>> sys = make_system(w, 0.9, "ar")
+    >>> side = canonical(spectral_mib(sys, w))
+    >>> side.tolist()  # the cut between the cycles
+    [True, True, True, False, False, False]
+    >>> side.tolist() == canonical(exhaustive_mib(sys)).tolist()  # the exhaustive MIB
+    True
+  """
   n = w.shape[0]
   starts = []
   for order in _orderings(sys, w):
@@ -395,5 +421,13 @@ def _fm_descent(cut: _Cut, val: float, passes: int | None = None) -> float:
 
 
 def canonical(side: np.ndarray) -> np.ndarray:
-  """Bipartitions are unordered: put node 0 on side M1."""
+  """Bipartitions are unordered: put node 0 on side M1.
+
+  Examples:
+    >>> import numpy as np
+    >>> canonical(np.array([False, True, True])).tolist()  # the same bipartition, node 0 in M1
+    [True, False, False]
+    >>> canonical(np.array([True, False, True])).tolist()  # already canonical
+    [True, False, True]
+  """
   return side if side[0] else ~side
