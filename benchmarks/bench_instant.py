@@ -173,6 +173,7 @@ def _worker(mode: str, dims: list[int], n: int, batches: int) -> dict:
     step = jax.jit(
       functools.partial(instant.transition, use_native=use_native),
       static_argnums=4,
+      donate_argnums=0,  # as instant_step: without donation XLA adds copies of the tables
       compiler_options=instant.COMPILER_OPTIONS,
     )
     lowered = step.lower(instant.split_state(state), state.base, state.graph.emb, packed, cfg)

@@ -28,6 +28,7 @@ Loop A reads the choice when it first compiles.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import importlib.metadata
 import logging
@@ -63,6 +64,7 @@ _log = logging.getLogger("sona_jax")
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
 _override: bool | None = None
+_WINDOWS = sys.platform == "win32"
 
 
 def _compiler() -> str | None:
@@ -128,8 +130,9 @@ def build(force: bool = False) -> Path:
   return path
 
 
-def _mode() -> str:
-  value = os.environ.get("SONA_JAX_NATIVE", "auto").strip().lower()
+@functools.lru_cache(maxsize=8)
+def _parse_mode(raw: str) -> str:
+  value = raw.strip().lower()
   if value in ("0", "off", "false", "no"):
     return "off"
   if value in ("1", "on", "true", "yes"):
@@ -137,6 +140,11 @@ def _mode() -> str:
   if value != "auto":
     raise ValueError(f"SONA_JAX_NATIVE must be auto, 0 or 1, got {value!r}")
   return "auto"
+
+
+def _mode() -> str:
+  """`SONA_JAX_NATIVE`, read on every call (cheap: Loop A asks once per request)."""
+  return _parse_mode(os.environ.get("SONA_JAX_NATIVE", "auto"))
 
 
 def _load() -> bool:
@@ -172,10 +180,10 @@ def enabled() -> bool:
     >>> _ = native.set_enabled(previous)
   """
   if _override is not None:
-    return _override and _load()
-  if sys.platform == "win32" or _mode() == "off":
+    return _override and (_loaded or _load())
+  if _WINDOWS or _mode() == "off":
     return False
-  return _load()
+  return _loaded or _load()
 
 
 def set_enabled(value: bool | None) -> bool | None:
