@@ -79,8 +79,15 @@ def _it(rng, ids, cfg=CFG, **kw):
 
 def test_eight_threads_mixing_every_method_while_loop_b_runs_equal_the_logged_order(tmp_path):
   clock = FastClock(speedup=7_200.0)  # Loop B (hourly) about every half second
+  # Coalesced batches of up to 8 rows (larger ones go in chunks of 8): the batch sizes that
+  # test_batch_sizes_compile_once_after_warmup compiles too, not one more compile per size.
   engine = sona.Sona(
-    CFG, key=jax.random.key(0), clock=clock, checkpoint_dir=str(tmp_path), transcript=True
+    CFG,
+    key=jax.random.key(0),
+    clock=clock,
+    checkpoint_dir=str(tmp_path),
+    transcript=True,
+    max_batch=8,
   )
   initial = engine.snapshot()
   ids = list(engine.add_memories(np.random.default_rng(0).normal(size=(12, CFG.dim))))
