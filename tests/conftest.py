@@ -45,11 +45,23 @@ def pytest_terminal_summary(terminalreporter, config):
 
 
 # Long end-to-end runs, marked `slow` here in one place: a plain `pytest` leaves them out (pyproject
-# addopts `-m 'not slow'`), `pytest -m slow` runs them, and .ci/run runs both.
+# addopts `-m 'not slow'`), `pytest -m slow` runs them, and .ci/run runs both. Each behaviour they
+# show keeps a shorter test in the plain run (named beside each).
 SLOW = {
   ("test_cli.py", "test_week_demo_writes_report_plots_and_checkpoint_and_shows_learning"),
   ("test_cli.py", "test_demo_runs_and_reports_learning"),
   ("test_schedule.py", "test_two_simulated_weeks_run_loop_b_hourly_and_loop_c_twice"),
+  # The learning benchmark's scenarios at test size: three arms of 120 arrivals (the admission
+  # window at capacity, with and without it: test_graph's test_full_graph_admits_new_memories_*
+  # and test_without_window_newcomers_evict_each_other, test_driver's
+  # test_full_graph_keeps_every_new_memory_of_a_burst) ...
+  ("test_learning_scenarios.py", "test_memory_past_capacity_keeps_recent_knowledge"),
+  # ... and 600 routed requests (learned routing: test_routing.py, test_router.py's
+  # test_router_learns_tier_success_on_digits, test_examples' routing example).
+  ("test_learning_scenarios.py", "test_router_learns_to_trade_cost_for_quality"),
+  # The HTTP load benchmark end to end (the endpoints, their errors and a checkpoint restore:
+  # test_serve's other tests; concurrent callers with saves and Loop B: test_serving.py).
+  ("test_serve.py", "test_bench_serve_quick_has_no_errors_and_balanced_counters"),
 }
 
 

@@ -24,8 +24,15 @@ CFG = sona.SonaConfig(
 )
 
 
+# Loop A runs in scans of this many interactions: every `_served(n)` below has n a multiple of it,
+# so `instant_scan` compiles once for the file (each batch size is a compile of its own).
+SCAN = 10
+
+
 def _served(n, seed=0):
-  """A state with memories and `n` accepted interactions in its signal buffer."""
+  """A state with memories and `n` accepted interactions in its signal buffer (Loop A over them
+  in order, in consecutive scans of `SCAN`: the same as one scan of all)."""
+  assert n % SCAN == 0, n
   state = sona.init_state(CFG, jax.random.key(seed))
   rng = np.random.default_rng(seed)
   g, ids, _ = sona.graph.add_nodes(
@@ -49,7 +56,8 @@ def _served(n, seed=0):
         time=i,
       )
     )
-  state, _ = sona.instant_scan(state, sona.stack_interactions(its), CFG)
+  for i in range(0, n, SCAN):
+    state, _ = sona.instant_scan(state, sona.stack_interactions(its[i : i + SCAN]), CFG)
   return state
 
 

@@ -12,6 +12,17 @@ import sona_jax as sona
 CFG = sona.SonaConfig(
   dim=8, base_rank=4, graph_capacity=4, graph_degree=2, signal_capacity=16, trajectory_capacity=16
 )
+# The config of every test that runs Loop B (one compile of Loops A and B for all of them).
+LOOP_B_CFG = CFG.replace(
+  graph_capacity=16,
+  min_samples=5,
+  pattern_clusters=2,
+  bank_capacity=8,
+  router_steps=5,
+  router_batch=8,
+  fisher_samples=4,
+  probe_capacity=8,
+)
 
 
 class FakeClock:
@@ -112,16 +123,7 @@ def test_state_setter_checks_type():
 
 
 def test_route_find_patterns_and_run_background():
-  cfg = CFG.replace(
-    graph_capacity=16,
-    min_samples=5,
-    pattern_clusters=3,
-    bank_capacity=8,
-    router_steps=10,
-    router_batch=16,
-    fisher_samples=8,
-    router_epsilon=0.0,
-  )
+  cfg = LOOP_B_CFG
   engine = sona.Sona(cfg, key=jax.random.key(0), clock=FakeClock())
   assert engine.find_patterns(np.ones(8), k=3) == []  # empty bank
   tier = engine.route(np.ones(8), context_tokens=100)
@@ -149,15 +151,7 @@ def test_route_find_patterns_and_run_background():
 
 
 def test_checkpoints_after_loop_b_and_restore(tmp_path):
-  cfg = CFG.replace(
-    graph_capacity=16,
-    min_samples=3,
-    pattern_clusters=2,
-    bank_capacity=8,
-    router_steps=5,
-    router_batch=8,
-    fisher_samples=4,
-  )
+  cfg = LOOP_B_CFG
   clock = FakeClock()
   engine = sona.Sona(cfg, key=jax.random.key(0), checkpoint_dir=str(tmp_path / "ck"), clock=clock)
   ids = engine.add_memories(np.eye(8)[:4] + 0.05)
@@ -201,16 +195,7 @@ def _serve(engine, cfg, ids, rng, n, clock):
 
 
 def test_restore_then_continue_equals_continue(tmp_path):
-  cfg = CFG.replace(
-    graph_capacity=16,
-    min_samples=10,
-    pattern_clusters=2,
-    bank_capacity=8,
-    router_steps=5,
-    router_batch=8,
-    fisher_samples=4,
-    probe_capacity=8,
-  )
+  cfg = LOOP_B_CFG
   clock = FakeClock()
   engine = sona.Sona(cfg, key=jax.random.key(3), checkpoint_dir=str(tmp_path / "ck"), clock=clock)
   ids = engine.add_memories(np.random.default_rng(0).normal(size=(8, cfg.dim)))
@@ -230,3 +215,5 @@ def test_restore_then_continue_equals_continue(tmp_path):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
   assert step >= 1
+  for e in (engine, restored):  # the last cycles' async saves finish here, not at exit
+    e.wait_checkpoints()

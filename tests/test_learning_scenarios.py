@@ -1,5 +1,6 @@
 """Fast versions of the learning benchmarks (`benchmarks/bench_learning.py`) on real data: each
-scenario runs at a small size and must show that learning happens."""
+scenario runs at a small size and must show that learning happens. The two longest (memory past
+capacity, the router's cost/quality trade) are marked `slow` in `conftest.py`: `pytest -m slow`."""
 
 import importlib.util
 from pathlib import Path

@@ -25,6 +25,18 @@ CFG = sona.SonaConfig(
   probe_capacity=64,
   probe_per_cycle=16,
 )
+# Loop A runs in scans of this many interactions: every batch below is a multiple of it, so
+# `instant_scan` compiles once for the file (each batch size is a compile of its own).
+SCAN = 20
+
+
+def _loop_a(state, its):
+  """`state` after Loop A over `its` in order: consecutive scans of `SCAN` interactions, the same
+  as one scan of all (sequential semantics) at one batch size."""
+  assert len(its) % SCAN == 0, len(its)
+  for i in range(0, len(its), SCAN):
+    state, _ = sona.instant_scan(state, sona.stack_interactions(its[i : i + SCAN]), CFG)
+  return state
 
 
 def _signal_rows(times, quality, tier, latency_ratio, seed=0):
@@ -41,8 +53,7 @@ def _signal_rows(times, quality, tier, latency_ratio, seed=0):
     )
     for i in range(n)
   ]
-  state = sona.init_state(CFG, jax.random.key(0))
-  state, _ = sona.instant_scan(state, sona.stack_interactions(its), CFG)
+  state = _loop_a(sona.init_state(CFG, jax.random.key(0)), its)
   _, rows, mask = sona.buffer.consume(state.signals)
   return rows, mask
 
@@ -125,8 +136,7 @@ def _task_state(n, flip, seed, state=None, t0=0):
     q = rng.normal(size=CFG.dim).astype(np.float32)
     ok = (q[0] > 0) != flip
     its.append(sona.make_interaction(CFG, query=q, quality=0.9 if ok else 0.1, tier=0, time=t0 + i))
-  state, _ = sona.instant_scan(state, sona.stack_interactions(its), CFG)
-  return state
+  return _loop_a(state, its)
 
 
 def test_retention_is_measured_on_older_probes_and_falls_when_the_task_flips():

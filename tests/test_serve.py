@@ -1,7 +1,8 @@
 """The HTTP service (`examples/serve.py`) and its load benchmark (`benchmarks/bench_serve.py`).
 
 The unit tests use the benchmark's `--quick` config at dim 8, and the benchmark runs at dim 8 too,
-so the whole file compiles each driver path once.
+so the whole file compiles each driver path once. The benchmark's run is marked `slow` in
+`conftest.py` (`pytest -m slow`).
 """
 
 import asyncio

@@ -79,8 +79,15 @@ def _it(rng, ids, cfg=CFG, **kw):
 
 def test_eight_threads_mixing_every_method_while_loop_b_runs_equal_the_logged_order(tmp_path):
   clock = FastClock(speedup=7_200.0)  # Loop B (hourly) about every half second
+  # Coalesced batches of up to 8 rows (larger ones go in chunks of 8): the batch sizes that
+  # test_batch_sizes_compile_once_after_warmup compiles too, not one more compile per size.
   engine = sona.Sona(
-    CFG, key=jax.random.key(0), clock=clock, checkpoint_dir=str(tmp_path), transcript=True
+    CFG,
+    key=jax.random.key(0),
+    clock=clock,
+    checkpoint_dir=str(tmp_path),
+    transcript=True,
+    max_batch=8,
   )
   initial = engine.snapshot()
   ids = list(engine.add_memories(np.random.default_rng(0).normal(size=(12, CFG.dim))))
@@ -237,14 +244,15 @@ def test_batched_padding_rows_change_nothing_and_count_nothing():
   graph, ids, _ = graph_lib.add_nodes(state.graph, np.eye(CFG.dim), quality=0.5)
   state = state._replace(graph=graph)
   rng = np.random.default_rng(5)
-  its = [_it(rng, np.asarray(ids), time=i + 1) for i in range(3)]
+  # 4 interactions and 4 rows of padding (batch sizes the driver compiles in this file anyway).
+  its = [_it(rng, np.asarray(ids), time=i + 1) for i in range(4)]
   packed = np.stack([sona.types.pack(it, CFG) for it in its])
   ref = jax.tree.map(jnp.copy, state)
   ref, rep_ref = sona.instant_scan(ref, sona.stack_interactions(its), CFG)
-  padded = np.concatenate([packed, np.zeros((5, packed.shape[1]), np.float32)])
-  out, rep = instant.scan_packed(state, padded, CFG, n_valid=3)
+  padded = np.concatenate([packed, np.zeros((4, packed.shape[1]), np.float32)])
+  out, rep = instant.scan_packed(state, padded, CFG, n_valid=4)
   _leaves_equal(out, ref)
-  np.testing.assert_array_equal(np.asarray(rep.values)[:3], np.asarray(rep_ref.values))
+  np.testing.assert_array_equal(np.asarray(rep.values)[:4], np.asarray(rep_ref.values))
 
 
 def test_batch_sizes_compile_once_after_warmup():
@@ -265,10 +273,12 @@ def test_batch_sizes_compile_once_after_warmup():
 
 
 def _full_engine(clock, **kw):
-  cfg = CFG.replace(graph_capacity=8, admission_window_s=100)
+  """An engine whose memory is full: CFG's capacity in memories added at time 0 (CFG, so these
+  tests run the programs the file compiles anyway)."""
+  cfg = CFG
   engine = sona.Sona(cfg, key=jax.random.key(5), clock=clock, **kw)
   rng = np.random.default_rng(8)
-  old = engine.add_memories(rng.normal(size=(8, cfg.dim)), time=0)
+  old = engine.add_memories(rng.normal(size=(cfg.graph_capacity, cfg.dim)), time=0)
   return cfg, engine, old, rng
 
 
@@ -331,7 +341,7 @@ def test_a_memory_removed_without_reuse_is_stale_too():
 def test_merges_from_loop_c_reach_the_callback_under_start():
   clock = Clock()
   events = []
-  cfg = CFG.replace(graph_capacity=16)
+  cfg = CFG
   engine = sona.Sona(cfg, key=jax.random.key(7), clock=clock, on_memory_event=events.append)
   base = np.eye(cfg.dim)[:4]
   ids = engine.add_memories(np.concatenate([base, base + 1e-4]), time=0)  # 4 near-duplicates
