@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sona_jax as sona
-from sona_jax import tenants
+from sona_jax import native, tenants
 
 CFG = sona.SonaConfig(
   dim=16,
@@ -106,13 +106,19 @@ def test_tenant_step_equals_each_tenant_alone_and_leaves_the_others_bit_identica
     if len(mine) == 0:  # untouched: every leaf bit-identical
       assert _bits(got) == _bits(tenants.tenant(before, t)), t
       continue
-    # Touched: exactly what instant_step does on this tenant alone, one by one in batch order.
+    # Touched: exactly what instant_step does on this tenant alone, one by one in batch order,
+    # under the same rule: tenants run Loop A's JAX rule on every platform (a single learner on
+    # CPU runs the native kernels, equal to it to float rounding: tests/test_native.py).
     alone = _copy(tenants.tenant(before, t))
-    for j in mine:
-      alone, rep = sona.instant_step(alone, its[j], CFG)
-      np.testing.assert_array_equal(
-        np.asarray(report.values)[j].view(np.int32), np.asarray(rep.values).view(np.int32)
-      )
+    previous = native.set_enabled(False)
+    try:
+      for j in mine:
+        alone, rep = sona.instant_step(alone, its[j], CFG)
+        np.testing.assert_array_equal(
+          np.asarray(report.values)[j].view(np.int32), np.asarray(rep.values).view(np.int32)
+        )
+    finally:
+      native.set_enabled(previous)
     assert _bits(got) == _bits(alone), t
   assert int(states.metrics.rejected.sum()) == 1  # the padding rows are not counted
   assert int(states.step.sum()) == BATCH - 1
