@@ -24,6 +24,9 @@ CFG = sona.SonaConfig(
   fisher_samples=32,
   probe_capacity=64,
   probe_per_cycle=16,
+  # No EWC penalty: learning the opposite task must forget the old one (the retention test), and
+  # every test of the file then runs Loop B on this one config (one compile).
+  ewc_lambda=0.0,
 )
 # Loop A runs in scans of this many interactions: every batch below is a multiple of it, so
 # `instant_scan` compiles once for the file (each batch size is a compile of its own).
@@ -149,8 +152,7 @@ def test_retention_is_measured_on_older_probes_and_falls_when_the_task_flips():
   assert same.n_probes == CFG.probe_per_cycle
   assert same.retention >= 0.9  # the same task: the probes are still classified right
   state = _task_state(400, True, 2, state, 4_000)
-  ewc_off = CFG.replace(ewc_lambda=0.0)
-  state, flipped = sona.background_step(state, ewc_off, 5_000)
+  state, flipped = sona.background_step(state, CFG, 5_000)
   assert flipped.retention < 0.5  # learning the opposite task forgets the old one
   row = metrics.daily_table(state.metrics.daily)[-1]
   assert row["retention"] == np.float32(flipped.retention)

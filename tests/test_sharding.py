@@ -22,7 +22,8 @@ import pytest
 import sona_jax as sona
 from sona_jax import sharding, tenants
 
-# The config and data of test_tenants.py (one compile per function for both files).
+# The config and data of test_tenants.py (one compile per function for both files: conftest.py's
+# SAME_WORKER runs them on one pytest-xdist worker).
 CFG = sona.SonaConfig(
   dim=16,
   graph_capacity=32,
