@@ -62,6 +62,12 @@ SLOW = {
   # The HTTP load benchmark end to end (the endpoints, their errors and a checkpoint restore:
   # test_serve's other tests; concurrent callers with saves and Loop B: test_serving.py).
   ("test_serve.py", "test_bench_serve_quick_has_no_errors_and_balanced_counters"),
+  # The routing example end to end, 40 s (learned routing at test size: test_routing.py and
+  # test_router.py's test_router_learns_tier_success_on_digits).
+  (
+    "test_examples.py",
+    "test_routing_example_routes_cheaper_than_the_best_tier_at_near_its_success",
+  ),
 }
 
 
