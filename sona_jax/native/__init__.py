@@ -210,7 +210,7 @@ def micro_chain(a, b, vecs, scalars, newest, *, scale: float, clip: float | None
     a: f32[d, r] micro-LoRA A; b: f32[r, d] micro-LoRA B.
     vecs: f32[n, 4, d]: per interaction the query, the query through the base LoRA, the weighted
       difference of used and unused memory embeddings, the supervised gradient.
-    scalars: f32[n, 8]: learning quality, gate open (0/1), has gradient (0/1), |x|^2, |grad|^2,
+    scalars: f32[n, 8]: learning quality, gate open (0/1), has gradient (0/1), `|x|^2`, `|grad|^2`,
       rejection reasons (int32 bits), learning rate, time (int32 bits; < 0 unset).
     newest: i32[] the newest accepted time before the chain.
     scale: the micro-LoRA scale `alpha / r`; clip: the per-factor step clip, or None.
