@@ -16,7 +16,7 @@ top-10 retrieval: 5 used + 5 unused ids, a graph of 10,000 nodes x 16 slots):
   10 with 5 + 5 and 10 + 10;
 
 in JAX's default CPU mode, in `configure_cpu_low_latency()` mode, and in that mode pinned to one
-CPU (`pin_cpu=`), all three with Loop A's native CPU kernels (`sona_jax.native`, the default where
+CPU (`pin_cpu=`), all three with Loop A's native CPU kernel (`sona_jax.native`, the default where
 a C++ compiler is found), and in low-latency mode with the pure-JAX rule that GPU and TPU run
 (`jax_rule`), each mode in its own subprocess (the XLA flag must be set before JAX starts). Beside
 each step time, the dispatch floor: a jitted call with the step's arguments, donation and outputs
@@ -320,7 +320,7 @@ def main(argv=None) -> int:
   ids_table = "\n".join(cost_lines)
   print("\n" + ids_table)
   print(
-    "\nmodes: default, low_latency and pinned run Loop A's native CPU kernels"
+    "\nmodes: default, low_latency and pinned run Loop A's native CPU kernel"
     f" (sona_jax.native: {'used' if modes['low_latency']['native'] else 'NOT available'});"
     " jax_rule is low_latency with the pure-JAX rule (what GPU/TPU run). floor: a jitted call"
     " with instant_step's arguments, donation and outputs that does next to nothing."

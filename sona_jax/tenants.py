@@ -265,7 +265,7 @@ def instant_step_tenants(
   `n_tenants x rounds` steps: batches that spread evenly over tenants are cheapest. One call, one
   compile per batch size and per power-of-two bound on the interactions per tenant. Tenants run
   Loop A's JAX rule on every platform (it shards along the tenant axis); a single learner on CPU
-  runs the native kernels (`sona_jax.native`), which agree with it to float rounding.
+  runs the native kernel (`sona_jax.native`), which agrees with it to float rounding.
 
   Args:
     states: tenant-stacked state (`init_tenants`); its Loop A part is donated: use the returned

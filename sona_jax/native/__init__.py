@@ -1,28 +1,27 @@
-"""Loop A's micro-LoRA chain on CPU as one native XLA custom call (`jax.ffi`).
+"""Loop A on CPU as one native XLA custom call (`jax.ffi`).
 
-The micro-LoRA chain of Loop A is sequential: each request's step reads the adapter the previous
-one wrote. Written in JAX, one step is ~18 small kernels, and XLA:CPU's runtime costs about 1 us
-per kernel whatever it computes, so the chain bounds both the per-request latency and the
-throughput of `instant_scan` (about 30 us per interaction at dim 768). `micro_chain.cc`, beside
-this file, runs the same rule over a whole batch in one custom call: a few passes over `dim` per
-interaction.
+Written in JAX, Loop A is ~50 small kernels per interaction, and XLA:CPU's runtime costs about
+1 us per kernel whatever it computes; its micro-LoRA chain is sequential (each request's step reads
+the adapter the previous one wrote), so it bounds both the per-request latency and the throughput
+of `instant_scan`. `loop_a.cc`, beside this file, runs the whole transition of n interactions in
+order (`loop_a`), in place: a few passes over `dim` per interaction, one kernel per call.
 
-The pure-JAX rule (`loops.instant._learn` with `lora.micro_update_fast`) stays the reference: it
-is what GPU and TPU run (Loop A selects the native call with `jax.lax.platform_dependent`, so other
-platforms never see it), and the tests compare the two (they agree to float rounding, ~1e-6
-relative: the sums over `dim` are added in a different order).
+The pure-JAX rule (`loops.instant`) stays the reference: it is what GPU and TPU run (Loop A selects
+the native call with `jax.lax.platform_dependent`, so other platforms never see it), and the tests
+compare the two. They make the same decisions and write the same records and integers; adapter
+floats agree to rounding (~1e-6 relative: the sums over `dim` are added in a different order).
 
 The library is compiled on first use from the source beside this file with the system C++
 compiler (`$CXX`, else `c++`) against the XLA FFI headers that jaxlib ships
 (`jax.ffi.include_dir()`), into a cache directory (`$SONA_JAX_CACHE`, else
 `$XDG_CACHE_HOME/sona_jax`, else `~/.cache/sona_jax`), keyed by the source, the jaxlib version and
 the compiler; later processes load it from there. `build()` does it ahead of time (e.g. in a
-container build). Without a compiler, or when the build fails, Loop A runs the pure-JAX chain and
+container build). Without a compiler, or when the build fails, Loop A runs the pure-JAX rule and
 says so once in the `sona_jax` log.
 
 `SONA_JAX_NATIVE` selects: `auto` (the default: native when it builds), `0` (never), `1` (always:
 a failed build raises). `set_enabled` overrides it in-process (tests compare both paths with it).
-Loop A reads the choice when it first compiles.
+Loop A reads the choice on every call; each choice compiles once.
 """
 
 from __future__ import annotations
@@ -49,14 +48,11 @@ __all__ = [
   "build",
   "enabled",
   "set_enabled",
-  "micro_chain",
-  "graph_writes",
+  "loop_a",
   "TARGET",
-  "GRAPH_TARGET",
 ]
 
-TARGET = "sona_micro_chain"  # the FFI target names registered for the CPU platform
-GRAPH_TARGET = "sona_graph_writes"
+TARGET = "sona_loop_a"  # the FFI target registered for the CPU platform
 _SOURCE = Path(__file__).with_name("loop_a.cc")
 # No FMA contraction: the graph writes are bit-identical to the JAX rule only in plain f32 steps.
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off"]
@@ -157,8 +153,8 @@ def _load() -> bool:
           lib = ctypes.CDLL(str(build()))
         except OSError:  # a damaged cached library (e.g. a full disk mid-copy): build it again
           lib = ctypes.CDLL(str(build(force=True)))
-        for name, symbol in ((TARGET, lib.SonaMicroChain), (GRAPH_TARGET, lib.SonaGraphWrites)):
-          jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
+        _check_layouts()
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.SonaLoopA), platform="cpu")
         _loaded = True
       except Exception as e:
         if _mode() == "on":
@@ -166,6 +162,31 @@ def _load() -> bool:
         _log.warning("sona_jax.native unavailable, Loop A runs its pure-JAX rule: %s", e)
         _loaded = False
     return _loaded
+
+
+def _check_layouts():
+  """The layouts `loop_a.cc` hard-codes, against the Python constants they mirror."""
+  from sona_jax import buffer, graph, state, types
+  from sona_jax.loops import instant
+
+  expected = {
+    (types.S_ANCHOR, types.S_QUALITY, types.S_LATENCY, types.S_TARGET, types.S_TIER):
+      (0, 1, 2, 3, 4),
+    (types.S_CONTEXT, types.S_FEEDBACK, types.S_HAS_GRAD, types.S_TIME, types.S_LR):
+      (5, 6, 7, 8, 9),
+    (types.N_SCALARS, types.TIME_UNSET, types.N_SIGNAL_SCALARS, types.N_TRAJ_SCALARS):
+      (10, -(2**31), 8, 4),
+    (state.PROCESSED, state.REJECTED, state.MICRO_UPDATES, state.LAST_TIME): (0, 1, 2, 3),
+    (buffer.HEAD, buffer.SIZE, buffer.WRITTEN, buffer.READ, buffer.DROPPED): (0, 1, 2, 3, 4),
+    (graph.ACCESS, graph.LAST_ACCESS, graph.QUALITY, graph.ALIVE, graph.GENERATION):
+      (0, 1, 3, 5, 7),
+    (graph.HEBBIAN, instant.N_REPORT, instant.R_ACCEPTED, instant.R_REASONS): (0, 5, 0, 1),
+    (instant.R_MICRO_UPDATED, instant.R_STEP_NORM, instant.R_EDGES_CHANGED): (2, 3, 4),
+    (*instant.REASONS.values(), instant.PADDING): (*(1 << b for b in range(12)), 1 << 30),
+  }
+  for got, want in expected.items():
+    if tuple(got) != tuple(want):
+      raise RuntimeError(f"sona_jax.native: loop_a.cc's layouts are stale: {got} != {want}")
 
 
 def enabled() -> bool:
@@ -203,102 +224,63 @@ def set_enabled(value: bool | None) -> bool | None:
   return previous
 
 
-def micro_chain(a, b, vecs, scalars, newest, *, scale: float, clip: float | None):
-  """The micro-LoRA chain of `n` interactions as one custom call (CPU only; see the module doc).
+def loop_a(sub, base_a, base_b, emb, packed, n_valid, cfg):
+  """Loop A's whole transition of `n` packed interactions, in order, as one custom call (CPU
+  only): `loops.instant._step` on each of the first `n_valid` rows (the rest is padding: never
+  applied, never counted), in place.
 
   Args:
-    a: f32[d, r] micro-LoRA A; b: f32[r, d] micro-LoRA B.
-    vecs: f32[n, 4, d]: per interaction the query, the query through the base LoRA, the weighted
-      difference of used and unused memory embeddings, the supervised gradient.
-    scalars: f32[n, 8]: learning quality, gate open (0/1), has gradient (0/1), `|x|^2`, `|grad|^2`,
-      rejection reasons (int32 bits), learning rate, time (int32 bits; < 0 unset).
-    newest: i32[] the newest accepted time before the chain.
-    scale: the micro-LoRA scale `alpha / r`; clip: the per-factor step clip, or None.
+    sub: the Loop A sub-state (`loops.instant.LoopAState`), updated in place when donated.
+    base_a, base_b: the base LoRA; emb: f32[N, dim] the memory embeddings (read only).
+    packed: f32[n, width] packed interactions (`types.pack`).
+    n_valid: i32[], how many leading rows are real.
+    cfg: the `SonaConfig` (its rates and thresholds become the call's attributes).
 
   Returns:
-    `(a, b, out, newest)`: the adapter after the chain, f32[n, 4] per interaction (reasons as
-    bits, active, step norm (0 when rejected), time as bits with unset times resolved), and the
-    newest accepted time. Leading batch axes (vmap) are looped over.
+    `(sub, report)`: the sub-state after the n interactions and f32[n, 5] report rows
+    (`loops.instant.InstantReport`). Under vmap, each learner runs in turn.
 
   Examples:
-    >>> import jax.numpy as jnp, numpy as np
-    >>> from sona_jax import native
-    >>> a, b = jnp.full((4, 1), 0.1), jnp.zeros((1, 4))
-    >>> vecs = jnp.stack([jnp.ones(4), jnp.ones(4), jnp.zeros(4), jnp.ones(4)])[None]
-    >>> scalars = np.array([[0.9, 0, 1, 4, 4, 0, 0.5, 0]], np.float32)  # supervised, lr 0.5
-    >>> a2, b2, out, _ = native.micro_chain(a, b, vecs, scalars, jnp.int32(0), scale=1.0,
-    ...                                     clip=None)
-    >>> [round(float(v), 3) for v in b2[0]], bool(out[0, 1])  # b -= lr (x . a) grad
-    ([-0.2, -0.2, -0.2, -0.2], True)
-    >>> bool(jnp.all(a2 == a))  # a moves along B grad, and B was 0
-    True
-  """
-  if not _load():
-    raise RuntimeError("sona_jax.native: the native chain is unavailable (see the log)")
-  n = vecs.shape[-3]
-  out_types = (
-    jax.ShapeDtypeStruct(a.shape, jnp.float32),
-    jax.ShapeDtypeStruct(b.shape, jnp.float32),
-    jax.ShapeDtypeStruct(vecs.shape[:-3] + (n, 4), jnp.float32),
-    jax.ShapeDtypeStruct(jnp.shape(newest), jnp.int32),
-  )
-  call = jax.ffi.ffi_call(
-    TARGET, out_types, input_output_aliases={0: 0, 1: 1}, vmap_method="broadcast_all"
-  )
-  return call(
-    a,
-    b,
-    vecs,
-    scalars,
-    jnp.asarray(newest, jnp.int32),
-    scale=np.float32(scale),
-    clip=np.float32(-1.0 if clip is None else clip),
-  )
-
-
-def graph_writes(edges, node, ids, info, *, strengthen: float, weaken: float, ema: float):
-  """Loop A's graph writes of `n` interactions in order, as one custom call (CPU only).
-
-  Per accepted interaction: `graph.hebbian_row` on the anchor's edge row, then the access count,
-  last access and quality EMA of each used memory (`loops.instant._edges`, `_nodes`; bit-identical
-  to them). Slots outside the table are skipped, never written.
-
-  Args:
-    edges: i32[N, 3K] packed edge rows; node: i32[N, fields] node statistics.
-    ids: i32[n, 2k + 1]: per interaction its used slots, unused slots (-1 padded), anchor slot.
-    info: i32[n, 3]: per interaction accepted (0/1), learning quality (f32 bits), time.
-    strengthen, weaken: the Hebbian rates; ema: the node quality EMA rate.
-
-  Returns:
-    `(edges, node, changed)`, `changed: i32[n]` the ids per interaction that changed an edge.
-
-  Examples:
-    >>> import jax.numpy as jnp, numpy as np
-    >>> from sona_jax import graph, native
-    >>> g = graph.init_graph(4, 2, 2)
-    >>> ids = jnp.array([[1, 2, -1, -1, 0]], jnp.int32)  # node 0 used 1 and 2
-    >>> info = jnp.array([[1, np.float32(0.9).view(np.int32), 7]], jnp.int32)
-    >>> edges, node, changed = native.graph_writes(g.edges, g.node, ids, info, strengthen=0.05,
-    ...                                            weaken=0.02, ema=0.1)
-    >>> edges[0, :2].tolist(), int(changed[0]), node[1, graph.ACCESS].tolist()
-    ([1, 2], 2, 1)
+    >>> import jax, sona_jax as sona
+    >>> from sona_jax import native, types
+    >>> from sona_jax.loops import instant
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8)
+    >>> state = sona.init_state(cfg, jax.random.key(0))
+    >>> packed = types.pack(sona.make_interaction(cfg, query=[1.0] * 8, quality=0.9, time=3), cfg)
+    >>> sub, report = native.loop_a(instant.split_state(state), state.base.a, state.base.b,
+    ...                             state.graph.emb, packed[None], 1, cfg)
+    >>> report.shape, bool(report[0, instant.R_ACCEPTED]), sub.counters.tolist()
+    ((1, 5), True, [1, 0, 0, 3])
   """
   if not _load():
     raise RuntimeError("sona_jax.native: the native library is unavailable (see the log)")
-  out_types = (
-    jax.ShapeDtypeStruct(edges.shape, jnp.int32),
-    jax.ShapeDtypeStruct(node.shape, jnp.int32),
-    jax.ShapeDtypeStruct(ids.shape[:-1], jnp.int32),
-  )
+  leaves, tree = jax.tree.flatten(sub)
+  if len(leaves) != 9:  # the operand order loop_a.cc reads
+    raise ValueError(f"sona_jax.native.loop_a: a LoopAState has 9 arrays, got {len(leaves)}")
+  out_types = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+  out_types.append(jax.ShapeDtypeStruct((packed.shape[-2], 5), jnp.float32))
   call = jax.ffi.ffi_call(
-    GRAPH_TARGET, out_types, input_output_aliases={0: 0, 1: 1}, vmap_method="broadcast_all"
+    TARGET,
+    out_types,
+    input_output_aliases={i: i for i in range(len(leaves))},
+    vmap_method="sequential",
   )
-  return call(
-    edges,
-    node,
-    jnp.asarray(ids, jnp.int32),
-    jnp.asarray(info, jnp.int32),
-    strengthen=np.float32(strengthen),
-    weaken=np.float32(weaken),
-    ema=np.float32(ema),
+  out = call(
+    *leaves,
+    base_a,
+    base_b,
+    emb,
+    packed,
+    jnp.asarray(n_valid, jnp.int32),
+    micro_scale=np.float32(cfg.micro_scale),
+    clip=np.float32(-1.0 if cfg.micro_clip is None else cfg.micro_clip),
+    base_scale=np.float32(cfg.base_scale),
+    micro_lr=np.float32(cfg.micro_lr),
+    gate_margin=np.float32(cfg.gate_quality_margin),
+    gate_ratio=np.float32(cfg.gate_latency_ratio),
+    strengthen=np.float32(cfg.hebbian_strengthen),
+    weaken=np.float32(cfg.hebbian_weaken),
+    ema=np.float32(cfg.node_quality_ema),
+    n_tiers=np.int32(cfg.n_tiers),
   )
+  return jax.tree.unflatten(tree, out[:-1]), out[-1]

@@ -1,29 +1,33 @@
-// Loop A's sequential parts on CPU as XLA FFI custom calls (sona_jax/native/__init__.py):
-// SonaMicroChain, the micro-LoRA chain, and SonaGraphWrites, the Hebbian edge and node updates.
+// Loop A on CPU as one XLA FFI custom call, SonaLoopA (sona_jax/native/__init__.py): the whole
+// transition of n packed interactions, one after the other, in place.
 //
-// SonaMicroChain.
-// The reference is the pure-JAX rule: `sona_jax.loops.instant._learn` (the feedback direction in
-// the tangent space of the adapted query) followed by `sona_jax.lora.micro_update_fast` (the
-// clipped rank-r step), applied interaction by interaction and masked by the acceptance decision.
-// Every step reads the adapter the previous one wrote, so the chain is sequential; on XLA:CPU each
-// step of it is ~18 small kernels at ~1 us each, while here it is a few passes over `dim`.
+// The reference is the pure-JAX rule in sona_jax/loops/instant.py (`_step` for one interaction,
+// `_scan` for a batch), which GPU and TPU run and tests/test_native.py compares against. Per
+// interaction, as `_step`: unpack; validate (every value, ids against the node rows); feedback
+// inputs (query through the base LoRA, weighted memory embeddings); the micro-LoRA step
+// (`_learn`: the feedback direction in the tangent space of the adapted query, then
+// `lora.micro_update_fast`, the clipped rank-r step); the Hebbian row of the anchor and the node
+// statistics of the used memories; the signal and trajectory records; the counters; the report.
+// Every write is masked by the acceptance decision.
 //
-// Operands (leading batch dims `T...`, e.g. from vmap, are looped over):
-//   a:       f32[T..., d, r]   micro-LoRA A
-//   b:       f32[T..., r, d]   micro-LoRA B
-//   vecs:    f32[T..., n, 4, d] per interaction: query x, x through the base LoRA, the weighted
-//            difference of used and unused memory embeddings, the supervised gradient
-//   scalars: f32[T..., n, 8]   q_eff, open_gate, has_grad, |x|^2, |grad|^2, reasons (int32 bits),
-//            learning rate, time (int32 bits, < 0 when unset)
-//   newest:  s32[T...]         the newest accepted time before the chain
-// Attributes: scale (s = alpha / r), clip (maximum norm of each factor's step; < 0: no clip).
-// Results: a, b (aliased to the operands), out f32[T..., n, 4] = [reasons (bits), active,
-// step norm (0 when rejected), time (bits, unset times resolved)], newest s32[T...].
+// Why native: on XLA:CPU each kernel costs ~1 us whatever it computes, and Loop A in XLA is ~50
+// small kernels per interaction (the micro-LoRA chain alone ~18, and it is sequential: each step
+// reads the adapter the previous one wrote). Here an interaction is a few passes over `dim`.
+//
+// Floats: the sums over `dim` are added in another order than XLA's (and XLA contracts
+// multiply-adds, which this build does not), so adapter values agree with the JAX rule to
+// rounding; the Hebbian row, node statistics, records, counters and every decision use the same
+// f32 operations in the same order, so they are bit-identical whenever the inputs are.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -65,197 +69,150 @@ inline float Dot(const float* u, const float* v, int64_t d) {
   return Sum(acc);
 }
 
-// One adapter (a: [d, r], b: [r, d]) through n interactions. `R` is the rank when known at
-// compile time (0: the runtime `r`): the passes over `dim` then fuse every product of a pass into
-// one loop of kLanes-wide partial sums, which the compiler vectorises.
+// The inputs of one micro-LoRA step that do not depend on the adapter.
+struct StepIn {
+  const float* x;       // query
+  const float* y_base;  // query through the base LoRA
+  const float* diff;    // weighted difference of used and unused memory embeddings
+  const float* grad;    // supervised gradient
+  float q_eff, sq_x, sq_grad, lr;
+  bool open_gate, has_grad;
+};
+
+struct StepOut {
+  float step_norm;  // 0 when rejected
+  bool active, ok;
+};
+
+// One micro-LoRA step (a: [d, r], b: [r, d]), applied in place when `*reasons` stays 0 (it gains
+// kNonfiniteStep when the step would not be finite). `R` is the rank when known at compile time
+// (0: the runtime `r`): the passes over `dim` then fuse every product of a pass into one loop of
+// kLanes-wide partial sums, which the compiler vectorises. `work`: 2 d floats.
 template <int R>
-void Chain(float* a, float* b, const float* vecs, const float* scalars, int32_t* newest, float* out,
-           int64_t n, int64_t d, int64_t r_runtime, float scale, float clip,
-           std::vector<float>& work) {
+StepOut MicroStep(float* a, float* b, const StepIn& in, int32_t* reasons, int64_t d,
+                  int64_t r_runtime, float scale, float clip, float* work) {
   const int64_t r = R > 0 ? R : r_runtime;
   constexpr int kMaxR = R > 0 ? R : 64;
-  work.resize(2 * d);
-  float* y = work.data();  // adapted query y_hat
-  float* t = y + d;        // feedback direction (tangent part of the difference)
+  float* y = work;      // adapted query y_hat
+  float* t = y + d;     // feedback direction (tangent part of the difference)
   float xa[kMaxR], bt[kMaxR], bg[kMaxR], gb[kMaxR], cb[kMaxR];
-  for (int64_t k = 0; k < n; ++k) {
-    const float* x = vecs + k * 4 * d;
-    const float* y_base = x + d;
-    const float* diff = x + 2 * d;
-    const float* grad = x + 3 * d;
-    const float* sc = scalars + k * 8;
-    const float q_eff = sc[0];
-    const bool open_gate = sc[1] > 0.0f, has_grad = sc[2] > 0.0f;
-    const float sq_x = sc[3], sq_grad = sc[4], lr = sc[6];
-    int32_t reasons = Int(sc[5]);
-    int32_t time = Int(sc[7]);
-    const int64_t blocked = d - d % kLanes;
+  const float* x = in.x;
+  const float* y_base = in.y_base;
+  const float* diff = in.diff;
+  const float* grad = in.grad;
+  const int64_t blocked = d - d % kLanes;
 
-    // Pass 1: x A (A is [d, r] row-major).
-    {
-      float acc[kMaxR][kLanes] = {};
-      for (int64_t i = 0; i < blocked; i += kLanes) {
-        for (int l = 0; l < kLanes; ++l) {
-          for (int64_t j = 0; j < r; ++j) acc[j][l] += x[i + l] * a[(i + l) * r + j];
-        }
+  // Pass 1: x A (A is [d, r] row-major).
+  {
+    float acc[kMaxR][kLanes] = {};
+    for (int64_t i = 0; i < blocked; i += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        for (int64_t j = 0; j < r; ++j) acc[j][l] += x[i + l] * a[(i + l) * r + j];
       }
-      for (int64_t i = blocked; i < d; ++i) {
-        for (int64_t j = 0; j < r; ++j) acc[j][i - blocked] += x[i] * a[i * r + j];
-      }
-      for (int64_t j = 0; j < r; ++j) xa[j] = Sum(acc[j]);
     }
-    // Pass 2: y_hat = y_base + s (x A) B, with |y_hat|^2 and diff . y_hat.
-    float yy, dy;
-    {
-      float ayy[kLanes] = {}, ady[kLanes] = {};
-      auto body = [&](int64_t i, int l) {
-        float v = 0.0f;
-        for (int64_t j = 0; j < r; ++j) v += xa[j] * b[j * d + i];
-        const float yi = y_base[i] + scale * v;
-        y[i] = yi;
-        ayy[l] += yi * yi;
-        ady[l] += diff[i] * yi;
-      };
-      for (int64_t i = 0; i < blocked; i += kLanes) {
-        for (int l = 0; l < kLanes; ++l) body(i + l, l);
-      }
-      for (int64_t i = blocked; i < d; ++i) body(i, static_cast<int>(i - blocked));
-      yy = Sum(ayy);
-      dy = Sum(ady);
+    for (int64_t i = blocked; i < d; ++i) {
+      for (int64_t j = 0; j < r; ++j) acc[j][i - blocked] += x[i] * a[i * r + j];
     }
-    const float along = dy / std::fmax(yy, kTiny);
-    // Pass 3: t = diff - (diff . u) u with u = y_hat / |y_hat|; |t|^2, B t, B grad.
-    float sq_t;
-    {
-      float att[kLanes] = {}, abt[kMaxR][kLanes] = {}, abg[kMaxR][kLanes] = {};
-      auto body = [&](int64_t i, int l) {
-        const float ti = diff[i] - along * y[i];
-        t[i] = ti;
-        att[l] += ti * ti;
-        for (int64_t j = 0; j < r; ++j) {
-          abt[j][l] += b[j * d + i] * ti;
-          abg[j][l] += b[j * d + i] * grad[i];
-        }
-      };
-      for (int64_t i = 0; i < blocked; i += kLanes) {
-        for (int l = 0; l < kLanes; ++l) body(i + l, l);
-      }
-      for (int64_t i = blocked; i < d; ++i) body(i, static_cast<int>(i - blocked));
-      sq_t = Sum(att);
+    for (int64_t j = 0; j < r; ++j) xa[j] = Sum(acc[j]);
+  }
+  // Pass 2: y_hat = y_base + s (x A) B, with |y_hat|^2 and diff . y_hat.
+  float yy, dy;
+  {
+    float ayy[kLanes] = {}, ady[kLanes] = {};
+    auto body = [&](int64_t i, int l) {
+      float v = 0.0f;
+      for (int64_t j = 0; j < r; ++j) v += xa[j] * b[j * d + i];
+      const float yi = y_base[i] + scale * v;
+      y[i] = yi;
+      ayy[l] += yi * yi;
+      ady[l] += diff[i] * yi;
+    };
+    for (int64_t i = 0; i < blocked; i += kLanes) {
+      for (int l = 0; l < kLanes; ++l) body(i + l, l);
+    }
+    for (int64_t i = blocked; i < d; ++i) body(i, static_cast<int>(i - blocked));
+    yy = Sum(ayy);
+    dy = Sum(ady);
+  }
+  const float along = dy / std::fmax(yy, kTiny);
+  // Pass 3: t = diff - (diff . u) u with u = y_hat / |y_hat|; |t|^2, B t, B grad.
+  float sq_t;
+  {
+    float att[kLanes] = {}, abt[kMaxR][kLanes] = {}, abg[kMaxR][kLanes] = {};
+    auto body = [&](int64_t i, int l) {
+      const float ti = diff[i] - along * y[i];
+      t[i] = ti;
+      att[l] += ti * ti;
       for (int64_t j = 0; j < r; ++j) {
-        bt[j] = Sum(abt[j]);
-        bg[j] = Sum(abg[j]);
+        abt[j][l] += b[j * d + i] * ti;
+        abg[j][l] += b[j * d + i] * grad[i];
       }
+    };
+    for (int64_t i = 0; i < blocked; i += kLanes) {
+      for (int l = 0; l < kLanes; ++l) body(i + l, l);
     }
-    const float t_norm = std::sqrt(sq_t);
-    const float fb_scale = -(1.0f - q_eff) / std::fmax(t_norm, 1e-12f);
-    const bool active = has_grad || (open_gate && t_norm > 1e-12f);
-    // lora.micro_update_fast with g = grad (supervised) or fb_scale * t (feedback).
-    float sq_gb = 0.0f, sq_xa = 0.0f;
+    for (int64_t i = blocked; i < d; ++i) body(i, static_cast<int>(i - blocked));
+    sq_t = Sum(att);
     for (int64_t j = 0; j < r; ++j) {
-      gb[j] = has_grad ? bg[j] : fb_scale * bt[j];
-      sq_gb += gb[j] * gb[j];
-      sq_xa += xa[j] * xa[j];
+      bt[j] = Sum(abt[j]);
+      bg[j] = Sum(abg[j]);
     }
-    const float sq_g = has_grad ? sq_grad : fb_scale * fb_scale * sq_t;
-    const float coef = lr * (active ? 1.0f : 0.0f) * scale;
-    const float norm_a = std::fabs(coef) * std::sqrt(sq_x * sq_gb);
-    const float norm_b = std::fabs(coef) * std::sqrt(sq_xa * sq_g);
-    const float step_norm = std::sqrt(norm_a * norm_a + norm_b * norm_b);
-    float coef_a = coef, coef_b = coef;
-    if (clip >= 0.0f) {
-      coef_a = coef * std::fmin(1.0f, clip / std::fmax(norm_a, kTiny));
-      coef_b = coef * std::fmin(1.0f, clip / std::fmax(norm_b, kTiny));
+  }
+  const bool has_grad = in.has_grad;
+  const float t_norm = std::sqrt(sq_t);
+  const float fb_scale = -(1.0f - in.q_eff) / std::fmax(t_norm, 1e-12f);
+  const bool active = has_grad || (in.open_gate && t_norm > 1e-12f);
+  // lora.micro_update_fast with g = grad (supervised) or fb_scale * t (feedback).
+  float sq_gb = 0.0f, sq_xa = 0.0f;
+  for (int64_t j = 0; j < r; ++j) {
+    gb[j] = has_grad ? bg[j] : fb_scale * bt[j];
+    sq_gb += gb[j] * gb[j];
+    sq_xa += xa[j] * xa[j];
+  }
+  const float sq_g = has_grad ? in.sq_grad : fb_scale * fb_scale * sq_t;
+  const float coef = in.lr * (active ? 1.0f : 0.0f) * scale;
+  const float norm_a = std::fabs(coef) * std::sqrt(in.sq_x * sq_gb);
+  const float norm_b = std::fabs(coef) * std::sqrt(sq_xa * sq_g);
+  const float step_norm = std::sqrt(norm_a * norm_a + norm_b * norm_b);
+  float coef_a = coef, coef_b = coef;
+  if (clip >= 0.0f) {
+    coef_a = coef * std::fmin(1.0f, clip / std::fmax(norm_a, kTiny));
+    coef_b = coef * std::fmin(1.0f, clip / std::fmax(norm_b, kTiny));
+  }
+  if (!std::isfinite(step_norm)) *reasons |= kNonfiniteStep;
+  const bool ok = *reasons == 0;
+  if (ok) {  // Pass 4: B -= (coef_b x A)^T g, A -= x (coef_a B g)^T.
+    for (int64_t j = 0; j < r; ++j) {
+      cb[j] = coef_b * xa[j];
+      gb[j] *= coef_a;
     }
-    if (!std::isfinite(step_norm)) reasons |= kNonfiniteStep;
-    const bool ok = reasons == 0;
-    if (ok) {  // Pass 4: B -= (coef_b x A)^T g, A -= x (coef_a B g)^T.
+    const float fb = has_grad ? 0.0f : fb_scale;
+    const float* src = has_grad ? grad : t;
+    for (int64_t i = 0; i < d; ++i) {
+      const float gi = has_grad ? src[i] : fb * src[i];
       for (int64_t j = 0; j < r; ++j) {
-        cb[j] = coef_b * xa[j];
-        gb[j] *= coef_a;
-      }
-      const float fb = has_grad ? 0.0f : fb_scale;
-      const float* src = has_grad ? grad : t;
-      for (int64_t i = 0; i < d; ++i) {
-        const float gi = has_grad ? src[i] : fb * src[i];
-        for (int64_t j = 0; j < r; ++j) {
-          b[j * d + i] -= cb[j] * gi;
-          a[i * r + j] -= x[i] * gb[j];
-        }
+        b[j * d + i] -= cb[j] * gi;
+        a[i * r + j] -= x[i] * gb[j];
       }
     }
-    if (time < 0) time = *newest;  // an unset time: the newest accepted so far
-    if (ok && time > *newest) *newest = time;
-    float* o = out + k * 4;
-    o[0] = Bits(reasons);
-    o[1] = active ? 1.0f : 0.0f;
-    o[2] = ok ? step_norm : 0.0f;
-    o[3] = Bits(time);
   }
-}
-
-using ChainFn = void (*)(float*, float*, const float*, const float*, int32_t*, float*, int64_t,
-                         int64_t, int64_t, float, float, std::vector<float>&);
-
-ChainFn ChainFor(int64_t r) {
-  switch (r) {
-    case 1: return Chain<1>;  // SonaConfig.micro_rank is 1 or 2
-    case 2: return Chain<2>;
-    default: return Chain<0>;
-  }
-}
-
-ffi::Error MicroChainImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                          ffi::Buffer<ffi::F32> vecs, ffi::Buffer<ffi::F32> scalars,
-                          ffi::Buffer<ffi::S32> newest, float scale, float clip,
-                          ffi::ResultBuffer<ffi::F32> a_out, ffi::ResultBuffer<ffi::F32> b_out,
-                          ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::S32> newest_out) {
-  auto ad = a.dimensions();
-  auto vd = vecs.dimensions();
-  if (ad.size() < 2 || vd.size() < 3 || vd[vd.size() - 2] != 4) {
-    return ffi::Error::InvalidArgument("sona_micro_chain: bad operand ranks");
-  }
-  const int64_t d = ad[ad.size() - 2], r = ad[ad.size() - 1];
-  const int64_t n = vd[vd.size() - 3];
-  if (vd[vd.size() - 1] != d || b.element_count() != a.element_count()) {
-    return ffi::Error::InvalidArgument("sona_micro_chain: operand shapes do not match");
-  }
-  const int64_t batch = static_cast<int64_t>(a.element_count()) / (d * r);
-  if (static_cast<int64_t>(newest.element_count()) != batch ||
-      static_cast<int64_t>(vecs.element_count()) != batch * n * 4 * d ||
-      static_cast<int64_t>(scalars.element_count()) != batch * n * 8) {
-    return ffi::Error::InvalidArgument("sona_micro_chain: batch dimensions do not match");
-  }
-  float* ao = a_out->typed_data();
-  float* bo = b_out->typed_data();
-  if (ao != a.typed_data()) std::memcpy(ao, a.typed_data(), a.size_bytes());
-  if (bo != b.typed_data()) std::memcpy(bo, b.typed_data(), b.size_bytes());
-  if (r > 64) return ffi::Error::InvalidArgument("sona_micro_chain: rank above 64");
-  const ChainFn chain = ChainFor(r);
-  std::vector<float> work;
-  for (int64_t p = 0; p < batch; ++p) {
-    int32_t latest = newest.typed_data()[p];
-    chain(ao + p * d * r, bo + p * r * d, vecs.typed_data() + p * n * 4 * d,
-          scalars.typed_data() + p * n * 8, &latest, out->typed_data() + p * n * 4, n, d, r, scale,
-          clip, work);
-    newest_out->typed_data()[p] = latest;
-  }
-  return ffi::Error::Success();
+  return StepOut{ok ? step_norm : 0.0f, active, ok};
 }
 
 
-// Loop A's graph writes (sona_jax.graph.hebbian_row on the anchor's edge row, then the access
-// count, last access and quality EMA of the used memories), interaction by interaction.
-// Reference: `sona_jax.loops.instant._edges` and `_nodes`; the same f32 operations in the same
-// order (built without FMA contraction), so the results are bit-identical to them.
+// Loop A's graph writes: sona_jax.graph.hebbian_row on the anchor's edge row, then the access
+// count, last access and quality EMA of the used memories (`instant._edges`, `_nodes`), with the
+// same f32 operations in the same order.
 constexpr int32_t kHebbian = 0;                               // graph.HEBBIAN
 constexpr int kAccess = 0, kLastAccess = 1, kQuality = 3;     // graph's node columns
 
 // graph.hebbian_row on one packed row i32[3K]; returns the number of ids that changed an edge.
 int32_t HebbianRow(int32_t* row, int64_t K, int32_t anchor, const int32_t* used,
-                   const int32_t* unused, int64_t k, float s, float rate,
-                   std::vector<int32_t>& work) {
-  work.resize(4 * K + 3 * k);
+                   const int32_t* unused, int64_t k, float s, float rate) {
+  thread_local std::vector<int32_t> work;
+  thread_local std::vector<float> key;
+  work.resize(6 * K + 3 * k);
+  key.resize(K);
   int32_t* nbr0 = work.data();  // the row's neighbours before the update
   int32_t* position = nbr0 + K;
   int32_t* inserted = position + K;
@@ -263,12 +220,13 @@ int32_t HebbianRow(int32_t* row, int64_t K, int32_t anchor, const int32_t* used,
   int32_t* u_has = new_id + K;
   int32_t* u_ins = u_has + k;
   int32_t* target = u_ins + k;
+  int32_t* strengthened = target + k;  // flags
+  int32_t* weakened = strengthened + K;
   int32_t* nbr = row;
   float* w = reinterpret_cast<float*>(row + K);
   int32_t* kind = row + 2 * K;
   std::memcpy(nbr0, nbr, K * sizeof(int32_t));
-  std::vector<uint8_t> strengthened(K, 0), weakened(K, 0);
-  std::vector<float> key(K);
+  std::fill(strengthened, strengthened + 2 * K, 0);
   for (int64_t j = 0; j < k; ++j) {
     const bool uv = used[j] >= 0 && used[j] != anchor;
     const bool vv = unused[j] >= 0 && unused[j] != anchor;
@@ -325,90 +283,405 @@ int32_t HebbianRow(int32_t* row, int64_t K, int32_t anchor, const int32_t* used,
   return changed;
 }
 
-ffi::Error GraphWritesImpl(ffi::Buffer<ffi::S32> edges, ffi::Buffer<ffi::S32> node,
-                           ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::S32> info,
-                           float strengthen, float weaken, float ema,
-                           ffi::ResultBuffer<ffi::S32> edges_out,
-                           ffi::ResultBuffer<ffi::S32> node_out,
-                           ffi::ResultBuffer<ffi::S32> changed_out) {
-  auto ed = edges.dimensions(), nd = node.dimensions(), id = ids.dimensions();
-  if (ed.size() < 2 || nd.size() < 2 || id.size() < 2) {
-    return ffi::Error::InvalidArgument("sona_graph_writes: bad operand ranks");
-  }
-  const int64_t N = ed[ed.size() - 2], width = ed[ed.size() - 1], fields = nd[nd.size() - 1];
-  const int64_t n = id[id.size() - 2], k = (id[id.size() - 1] - 1) / 2;
-  if (width % 3 != 0 || nd[nd.size() - 2] != N || fields <= kQuality ||
-      id[id.size() - 1] != 2 * k + 1) {
-    return ffi::Error::InvalidArgument("sona_graph_writes: operand shapes do not match");
-  }
-  const int64_t K = width / 3;
-  const int64_t batch = static_cast<int64_t>(edges.element_count()) / (N * width);
-  if (static_cast<int64_t>(node.element_count()) != batch * N * fields ||
-      static_cast<int64_t>(ids.element_count()) != batch * n * (2 * k + 1) ||
-      static_cast<int64_t>(info.element_count()) != batch * n * 3) {
-    return ffi::Error::InvalidArgument("sona_graph_writes: batch dimensions do not match");
-  }
-  int32_t* eo = edges_out->typed_data();
-  int32_t* no = node_out->typed_data();
-  if (eo != edges.typed_data()) std::memcpy(eo, edges.typed_data(), edges.size_bytes());
-  if (no != node.typed_data()) std::memcpy(no, node.typed_data(), node.size_bytes());
-  std::vector<int32_t> work;
-  for (int64_t p = 0; p < batch; ++p) {
-    int32_t* E = eo + p * N * width;
-    int32_t* V = no + p * N * fields;
-    for (int64_t i = 0; i < n; ++i) {
-      const int32_t* it_ids = ids.typed_data() + (p * n + i) * (2 * k + 1);
-      const int32_t* it_info = info.typed_data() + (p * n + i) * 3;
-      int32_t changed = 0;
-      if (it_info[0] != 0) {  // accepted
-        const int32_t anchor = it_ids[2 * k];
-        if (anchor >= 0 && anchor < N) {
-          changed = HebbianRow(E + anchor * width, K, anchor, it_ids, it_ids + k, k, strengthen,
-                               weaken, work);
-        }
-        const float q_eff = Bits(it_info[1]);
-        for (int64_t j = 0; j < k; ++j) {
-          const int32_t u = it_ids[j];
-          if (u < 0 || u >= N) continue;
-          int32_t* row = V + u * fields;
-          row[kAccess] += 1;
-          row[kLastAccess] = it_info[2];
-          row[kQuality] = Int((1.0f - ema) * Bits(row[kQuality]) + ema * q_eff);
-        }
-      }
-      changed_out->typed_data()[p * n + i] = changed;
-    }
-  }
-  return ffi::Error::Success();
+
+// ---------------------------------------------------------------------------------------------
+// SonaLoopA: the whole Loop A transition of n packed interactions, in order, in place.
+// Reference: `sona_jax.loops.instant._step` (one interaction) and `_scan` (a batch): unpack,
+// validate (reads of the node rows), feedback inputs (base LoRA, weighted memory embeddings),
+// the micro-LoRA step, the Hebbian row and node statistics, the signal and trajectory records,
+// the counters and the report, each write masked by the acceptance decision. The layouts below
+// mirror sona_jax.types (packed interaction, records), sona_jax.buffer (ring metadata),
+// sona_jax.state (counters) and sona_jax.graph (node columns); sona_jax/native/__init__.py checks
+// them against the Python constants when it loads the library.
+
+// Packed interaction: query [d], used [k], unused [k] (int32 bits), scalars [10], grad [d].
+constexpr int kSAnchor = 0, kSQuality = 1, kSLatency = 2, kSTarget = 3, kSTier = 4,
+              kSContext = 5, kSFeedback = 6, kSHasGrad = 7, kSTime = 8, kSLr = 9, kNScalars = 10;
+constexpr int32_t kTimeUnset = INT32_MIN;                              // types.TIME_UNSET
+constexpr int kProcessed = 0, kRejected = 1, kMicroUpdates = 2, kLastTime = 3;  // state
+constexpr int kHead = 0, kSize = 1, kWritten = 2, kRead = 3, kDropped = 4;      // buffer
+constexpr int kAlive = 5, kGeneration = 7;                                      // graph
+// instant.BAD_* reason bits.
+constexpr int32_t kBadQuery = 1 << 0, kBadQuality = 1 << 1, kBadFeedback = 1 << 2,
+                  kBadLatency = 1 << 3, kBadTier = 1 << 4, kBadContext = 1 << 5,
+                  kBadTime = 1 << 6, kBadGrad = 1 << 7, kBadIds = 1 << 8, kBadAnchor = 1 << 9,
+                  kBadStale = 1 << 11, kPadding = 1 << 30;
+
+inline int32_t WrapAdd(int32_t a, int32_t b) {  // int32 addition that wraps, as XLA's
+  return static_cast<int32_t>(static_cast<uint32_t>(a) + static_cast<uint32_t>(b));
 }
 
+inline int64_t FloorMod(int64_t a, int64_t m) {
+  const int64_t r = a % m;
+  return r < 0 ? r + m : r;
+}
+
+// buffer.push of one record (`row` already written at the head slot by the caller).
+inline void AdvanceRing(int32_t* meta, int64_t cap) {
+  const int32_t head = meta[kHead];
+  const int32_t overwrite_unread =
+      static_cast<int32_t>(static_cast<uint32_t>(meta[kWritten]) -
+                           static_cast<uint32_t>(meta[kRead])) >= cap;
+  meta[kHead] = static_cast<int32_t>(FloorMod(static_cast<int64_t>(head) + 1, cap));
+  meta[kSize] = static_cast<int32_t>(std::min<int64_t>(static_cast<int64_t>(meta[kSize]) + 1, cap));
+  meta[kWritten] = WrapAdd(meta[kWritten], 1);
+  meta[kRead] = WrapAdd(meta[kRead], overwrite_unread);
+  meta[kDropped] = WrapAdd(meta[kDropped], overwrite_unread);
+}
+
+// The slot a ring writes next (XLA clamps a dynamic-update-slice index into range).
+inline int64_t HeadSlot(const int32_t* meta, int64_t cap) {
+  return std::min<int64_t>(std::max<int64_t>(meta[kHead], 0), cap - 1);
+}
+
+constexpr int kMaxBaseRank = 64;
+
+// x A for A: [d, RB] row-major, in 4 interleaved accumulators per column (independent chains).
+template <int RB>
+void BaseProductsFixed(const float* x, const float* a, int64_t d, float* out) {
+  constexpr int U = 4;
+  float acc[U][RB] = {};
+  int64_t i = 0;
+  for (; i + U <= d; i += U) {
+    for (int u = 0; u < U; ++u) {
+      for (int j = 0; j < RB; ++j) acc[u][j] += x[i + u] * a[(i + u) * RB + j];
+    }
+  }
+  for (; i < d; ++i) {
+    for (int j = 0; j < RB; ++j) acc[0][j] += x[i] * a[i * RB + j];
+  }
+  for (int j = 0; j < RB; ++j) out[j] = (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
+}
+
+void BaseProducts(const float* x, const float* a, int64_t d, int64_t rb, float* out) {
+  switch (rb) {  // SonaConfig.base_rank is 4-16
+    case 4: return BaseProductsFixed<4>(x, a, d, out);
+    case 8: return BaseProductsFixed<8>(x, a, d, out);
+    case 12: return BaseProductsFixed<12>(x, a, d, out);
+    case 16: return BaseProductsFixed<16>(x, a, d, out);
+    default:
+      for (int64_t j = 0; j < rb; ++j) {
+        float acc[kLanes] = {};
+        for (int64_t i = 0; i < d; ++i) acc[i % kLanes] += x[i] * a[i * rb + j];
+        out[j] = Sum(acc);
+      }
+  }
+}
+
+struct LoopAConfig {
+  float micro_scale, clip, base_scale, micro_lr, gate_margin, gate_ratio, strengthen, weaken, ema;
+  int32_t n_tiers;
+};
+
+struct LoopAShapes {
+  int64_t d, r, rb, k, N, K, fields, sig_cap, traj_cap, width;
+};
+
+// Copies n floats to `dst` with non-temporal stores where the CPU has them: ring records are
+// read back by Loop B much later, so writing them around the caches keeps the memory rows Loop A
+// reads cached (and skips reading each destination line first). Callers fence after the batch.
+inline void StreamCopy(float* dst, const float* src, int64_t n) {
+#if defined(__SSE2__)
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15) != 0; ++i) {
+    _mm_stream_si32(reinterpret_cast<int*>(dst + i), Int(src[i]));
+  }
+  for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+  for (; i < n; ++i) _mm_stream_si32(reinterpret_cast<int*>(dst + i), Int(src[i]));
+#else
+  std::memcpy(dst, src, n * sizeof(float));
+#endif
+}
+
+inline void StreamFence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// Requests the memory rows interaction `p` reads (random rows of a large table: cache misses),
+// so that they arrive while the previous interaction computes.
+inline void Prefetch(const float* p, const float* emb, const LoopAShapes& sh) {
+  constexpr int64_t kLine = 64 / sizeof(float);
+  const int64_t d = sh.d;
+  for (int64_t j = 0; j < 2 * sh.k; ++j) {
+    const int32_t id = Int(p[d + j]);
+    if (id < 0) continue;
+    const float* row = emb + (id % sh.N) * d;
+    for (int64_t i = 0; i < d; i += kLine) __builtin_prefetch(row + i);
+  }
+}
+
+// One interaction of SonaLoopA. Returns nothing; writes the state in place and its report row.
+template <int R>
+void LoopAOne(float* a, float* b, int32_t* edges, int32_t* node, float* sig, int32_t* sig_meta,
+              float* traj, int32_t* traj_meta, int32_t* counters, const float* base_a,
+              const float* base_b, const float* emb, const float* p, bool valid,
+              const LoopAShapes& sh, const LoopAConfig& cfg, float* report,
+              std::vector<float>& work, std::vector<int32_t>& iwork) {
+  const int64_t d = sh.d, k = sh.k, N = sh.N, rb = sh.rb;
+  work.resize(4 * d);
+  float* y_base = work.data();
+  float* diff = y_base + d;
+  float* chain_work = diff + d;  // 2 d
+  iwork.resize(2 * (2 * k + 1));
+  int32_t* ids = iwork.data();       // the 2k ids (used, unused), then the anchor
+  int32_t* slots = ids + 2 * k + 1;  // their slots (id % N; negative ids kept)
+
+  const float* x = p;
+  const float* s = p + d + 2 * k;
+  const float* grad = s + kNScalars;
+  for (int64_t j = 0; j < 2 * k; ++j) ids[j] = Int(p[d + j]);
+  ids[2 * k] = Int(s[kSAnchor]);
+  for (int64_t j = 0; j <= 2 * k; ++j) slots[j] = ids[j] >= 0 ? ids[j] % N : ids[j];
+  const float q = s[kSQuality], lat = s[kSLatency], target = s[kSTarget], fb = s[kSFeedback];
+  const int32_t tier = Int(s[kSTier]), context = Int(s[kSContext]);
+  const bool has_grad = s[kSHasGrad] != 0.0f;
+  int32_t time = Int(s[kSTime]);
+  if (time == kTimeUnset) time = counters[kLastTime];  // the newest time the state saw
+  const float lr = std::isnan(s[kSLr]) ? cfg.micro_lr : s[kSLr];
+
+  // Inner products over dim that do not depend on the adapter: x A_base, |x|^2, |grad|^2.
+  float xab[kMaxBaseRank];
+  BaseProducts(x, base_a, d, rb, xab);
+  const float sq_x = Dot(x, x, d), sq_grad = Dot(grad, grad, d);
+
+  // Validation (instant._validate): one bit per kind of bad value.
+  int32_t reasons = valid ? 0 : kPadding;
+  for (int64_t j = 0; j < 2 * k; ++j) {
+    if (ids[j] < -1) reasons |= kBadIds;
+    if (ids[j] < 0) continue;
+    for (int64_t m = 0; m < 2 * k; ++m) {
+      if (m != j && ids[m] == ids[j]) reasons |= kBadIds;  // duplicated
+    }
+  }
+  const int32_t max_tag = static_cast<int32_t>(INT32_MAX / N);
+  for (int64_t j = 0; j <= 2 * k; ++j) {  // ids and anchor that name no live memory
+    if (ids[j] < 0) continue;
+    const int32_t* row = node + slots[j] * sh.fields;
+    const int32_t tag = std::max(row[kGeneration] - 1, 0) % max_tag;
+    if (row[kAlive] == 0 || ids[j] / N != tag) reasons |= kBadStale;
+  }
+  if (!(std::isfinite(q) && q >= 0.0f && q <= 1.0f)) reasons |= kBadQuality;
+  if (!(std::isnan(fb) || (std::isfinite(fb) && fb >= 0.0f && fb <= 1.0f))) {
+    reasons |= kBadFeedback;
+  }
+  const float latency_ratio = lat / target;
+  if (!(std::isfinite(lat) && lat >= 0.0f && std::isfinite(target) && target > 0.0f &&
+        std::isfinite(latency_ratio))) {
+    reasons |= kBadLatency;
+  }
+  if (!(tier >= 0 && tier < cfg.n_tiers)) reasons |= kBadTier;
+  if (context < 0) reasons |= kBadContext;
+  if (time < 0) reasons |= kBadTime;
+  if (ids[2 * k] < -1) reasons |= kBadAnchor;
+  if (!std::isfinite(sq_x)) reasons |= kBadQuery;
+  if (has_grad && !std::isfinite(sq_grad)) reasons |= kBadGrad;
+
+  // Feedback inputs (instant._feedback).
+  const float q_eff = std::isnan(fb) ? q : fb;  // explicit feedback beats the estimate
+  float n_used = 0.0f, n_unused = 0.0f;
+  for (int64_t j = 0; j < k; ++j) {
+    n_used += slots[j] >= 0 ? 1.0f : 0.0f;
+    n_unused += slots[k + j] >= 0 ? 1.0f : 0.0f;
+  }
+  const bool gate =
+      std::fabs(q_eff - 0.5f) > cfg.gate_margin || latency_ratio > cfg.gate_ratio;
+  const bool open_gate = (n_used + n_unused > 0.0f) && gate;
+  for (int64_t i = 0; i < d; ++i) {  // y_base = x + s_base (x A_base) B_base, by rows of B_base
+    y_base[i] = 0.0f;
+    diff[i] = 0.0f;
+  }
+  for (int64_t j = 0; j < rb; ++j) {
+    const float c = xab[j];
+    const float* row = base_b + j * d;
+    for (int64_t i = 0; i < d; ++i) y_base[i] += c * row[i];
+  }
+  for (int64_t i = 0; i < d; ++i) y_base[i] = x[i] + cfg.base_scale * y_base[i];
+  const float w_used = 1.0f / std::fmax(n_used, 1.0f), w_unused = -1.0f / std::fmax(n_unused, 1.0f);
+  for (int64_t j = 0; j < 2 * k; ++j) {  // mean of used minus mean of unused embeddings
+    if (slots[j] < 0) continue;
+    const float w = j < k ? w_used : w_unused;
+    const float* row = emb + slots[j] * d;
+    for (int64_t i = 0; i < d; ++i) diff[i] += w * row[i];
+  }
+
+  // The micro-LoRA step (instant._learn), masked by the acceptance decision.
+  const StepIn in{x, y_base, diff, grad, q_eff, sq_x, sq_grad, lr, open_gate, has_grad};
+  const StepOut step = MicroStep<R>(a, b, in, &reasons, d, sh.r, cfg.micro_scale, cfg.clip,
+                                    chain_work);
+  const bool ok = step.ok;
+  int32_t changed = 0;
+  if (ok) {
+    // Hebbian row of the anchor, then the used memories' statistics (instant._edges, _nodes).
+    const int32_t anchor = slots[2 * k];
+    if (anchor >= 0) {
+      changed = HebbianRow(edges + anchor * 3 * sh.K, sh.K, anchor, slots, slots + k, k,
+                           cfg.strengthen, cfg.weaken);
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      if (slots[j] < 0) continue;
+      int32_t* row = node + slots[j] * sh.fields;
+      row[kAccess] = WrapAdd(row[kAccess], 1);
+      row[kLastAccess] = time;
+      row[kQuality] = Int((1.0f - cfg.ema) * Bits(row[kQuality]) + cfg.ema * q_eff);
+    }
+    // Records (instant._record_rows), pushed at each ring's head (buffer.push).
+    float* srow = sig + HeadSlot(sig_meta, sh.sig_cap) * (d + 8);
+    StreamCopy(srow, x, d);
+    const float sscal[8] = {q_eff, q, latency_ratio, Bits(tier), Bits(context), fb, Bits(time),
+                            Bits(ids[2 * k])};
+    StreamCopy(srow + d, sscal, 8);
+    AdvanceRing(sig_meta, sh.sig_cap);
+    const float n_ret = n_used + n_unused;
+    const float precision = n_ret > 0.0f ? n_used / std::fmax(n_ret, 1.0f) : 0.0f;
+    float* trow = traj + HeadSlot(traj_meta, sh.traj_cap) * (d + 2 * k + 4);
+    StreamCopy(trow, x, d);
+    StreamCopy(trow + d, p + d, 2 * k);  // the ids, as their int32 bits
+    const float tscal[4] = {precision, q_eff, Bits(time), Bits(ids[2 * k])};
+    StreamCopy(trow + d + 2 * k, tscal, 4);
+    AdvanceRing(traj_meta, sh.traj_cap);
+  }
+  // Counters (instant._counters) and the report row (instant._report).
+  const bool updated = ok && step.active;
+  counters[kProcessed] = WrapAdd(counters[kProcessed], ok);
+  counters[kRejected] = WrapAdd(counters[kRejected], valid && !ok);
+  counters[kMicroUpdates] = WrapAdd(counters[kMicroUpdates], updated);
+  if (ok) counters[kLastTime] = std::max(counters[kLastTime], time);
+  report[0] = ok ? 1.0f : 0.0f;
+  report[1] = Bits(reasons);
+  report[2] = updated ? 1.0f : 0.0f;
+  report[3] = step.step_norm;
+  report[4] = static_cast<float>(changed);
+}
+
+using LoopAFn = void (*)(float*, float*, int32_t*, int32_t*, float*, int32_t*, float*, int32_t*,
+                         int32_t*, const float*, const float*, const float*, const float*, bool,
+                         const LoopAShapes&, const LoopAConfig&, float*, std::vector<float>&,
+                         std::vector<int32_t>&);
+
+LoopAFn LoopAFor(int64_t r) {
+  switch (r) {
+    case 1: return LoopAOne<1>;
+    case 2: return LoopAOne<2>;
+    default: return LoopAOne<0>;
+  }
+}
+
+template <typename T, typename In, typename Out>
+T* InPlace(const In& in, Out& out) {  // the result aliased to its operand, or a copy of it
+  T* o = out->typed_data();
+  if (o != in.typed_data()) std::memcpy(o, in.typed_data(), in.size_bytes());
+  return o;
+}
+
+ffi::Error LoopAImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::S32> edges,
+                     ffi::Buffer<ffi::S32> node, ffi::Buffer<ffi::F32> sig,
+                     ffi::Buffer<ffi::S32> sig_meta, ffi::Buffer<ffi::F32> traj,
+                     ffi::Buffer<ffi::S32> traj_meta, ffi::Buffer<ffi::S32> counters,
+                     ffi::Buffer<ffi::F32> base_a, ffi::Buffer<ffi::F32> base_b,
+                     ffi::Buffer<ffi::F32> emb, ffi::Buffer<ffi::F32> packed,
+                     ffi::Buffer<ffi::S32> n_valid, float micro_scale, float clip,
+                     float base_scale, float micro_lr, float gate_margin, float gate_ratio,
+                     float strengthen, float weaken, float ema, int32_t n_tiers,
+                     ffi::ResultBuffer<ffi::F32> a_out, ffi::ResultBuffer<ffi::F32> b_out,
+                     ffi::ResultBuffer<ffi::S32> edges_out, ffi::ResultBuffer<ffi::S32> node_out,
+                     ffi::ResultBuffer<ffi::F32> sig_out, ffi::ResultBuffer<ffi::S32> sig_meta_out,
+                     ffi::ResultBuffer<ffi::F32> traj_out,
+                     ffi::ResultBuffer<ffi::S32> traj_meta_out,
+                     ffi::ResultBuffer<ffi::S32> counters_out,
+                     ffi::ResultBuffer<ffi::F32> report) {
+  auto ad = a.dimensions(), bad = base_a.dimensions(), ed = edges.dimensions(),
+       nd = node.dimensions(), sd = sig.dimensions(), td = traj.dimensions(),
+       ed2 = emb.dimensions(), pd = packed.dimensions();
+  if (ad.size() != 2 || bad.size() != 2 || ed.size() != 2 || nd.size() != 2 || sd.size() != 2 ||
+      td.size() != 2 || ed2.size() != 2 || pd.size() != 2) {
+    return ffi::Error::InvalidArgument("sona_loop_a: bad operand ranks");
+  }
+  LoopAShapes sh;
+  sh.d = ad[0];
+  sh.r = ad[1];
+  sh.rb = bad[1];
+  sh.N = ed2[0];
+  sh.K = ed[1] / 3;
+  sh.fields = nd[1];
+  sh.sig_cap = sd[0];
+  sh.traj_cap = td[0];
+  sh.k = (td[1] - sh.d - 4) / 2;
+  sh.width = pd[1];
+  const int64_t n = pd[0];
+  if (ed2[1] != sh.d || b.element_count() != a.element_count() ||
+      base_b.element_count() != base_a.element_count() || bad[0] != sh.d || ed[0] != sh.N ||
+      ed[1] % 3 != 0 || nd[0] != sh.N || sh.fields <= kGeneration || sd[1] != sh.d + 8 ||
+      td[1] != sh.d + 2 * sh.k + 4 || sh.k < 0 || sh.width != 2 * sh.d + 2 * sh.k + kNScalars ||
+      sig_meta.element_count() != 5 || traj_meta.element_count() != 5 ||
+      counters.element_count() < 4 || sh.sig_cap < 1 || sh.traj_cap < 1 || sh.N < 1) {
+    return ffi::Error::InvalidArgument("sona_loop_a: operand shapes do not match");
+  }
+  if (sh.r > 64 || sh.rb > kMaxBaseRank) return ffi::Error::InvalidArgument("sona_loop_a: rank above 64");
+  float* ao = InPlace<float>(a, a_out);
+  float* bo = InPlace<float>(b, b_out);
+  int32_t* eo = InPlace<int32_t>(edges, edges_out);
+  int32_t* no = InPlace<int32_t>(node, node_out);
+  float* so = InPlace<float>(sig, sig_out);
+  int32_t* smo = InPlace<int32_t>(sig_meta, sig_meta_out);
+  float* to = InPlace<float>(traj, traj_out);
+  int32_t* tmo = InPlace<int32_t>(traj_meta, traj_meta_out);
+  int32_t* co = InPlace<int32_t>(counters, counters_out);
+  const LoopAConfig cfg{micro_scale, clip,    base_scale, micro_lr, gate_margin,
+                        gate_ratio,  strengthen, weaken,  ema,      n_tiers};
+  const LoopAFn one = LoopAFor(sh.r);
+  const int64_t valid = n_valid.typed_data()[0];
+  thread_local std::vector<float> work;
+  thread_local std::vector<int32_t> iwork;
+  if (n > 0) Prefetch(packed.typed_data(), emb.typed_data(), sh);
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + 1 < n) {  // the next interaction's rows 
+      Prefetch(packed.typed_data() + (i + 1) * sh.width, emb.typed_data(), sh);
+    }
+    one(ao, bo, eo, no, so, smo, to, tmo, co, base_a.typed_data(), base_b.typed_data(),
+        emb.typed_data(), packed.typed_data() + i * sh.width, i < valid, sh, cfg,
+        report->typed_data() + i * 5, work, iwork);
+  }
+  StreamFence();
+  return ffi::Error::Success();
+}
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SonaMicroChain, MicroChainImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SonaLoopA, LoopAImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // a
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // b
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // vecs
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scalars
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // newest
-                                  .Attr<float>("scale")
-                                  .Attr<float>("clip")
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // a
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // b
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // newest
-);
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SonaGraphWrites, GraphWritesImpl,
-                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // micro a
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // micro b
                                   .Arg<ffi::Buffer<ffi::S32>>()  // edges
                                   .Arg<ffi::Buffer<ffi::S32>>()  // node
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // ids
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // info
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // signals
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // signal ring meta
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // trajectories
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // trajectory ring meta
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // counters
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // base a
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // base b
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // emb
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // packed interactions
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // n_valid
+                                  .Attr<float>("micro_scale")
+                                  .Attr<float>("clip")
+                                  .Attr<float>("base_scale")
+                                  .Attr<float>("micro_lr")
+                                  .Attr<float>("gate_margin")
+                                  .Attr<float>("gate_ratio")
                                   .Attr<float>("strengthen")
                                   .Attr<float>("weaken")
                                   .Attr<float>("ema")
+                                  .Attr<int32_t>("n_tiers")
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // micro a
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // micro b
                                   .Ret<ffi::Buffer<ffi::S32>>()  // edges
                                   .Ret<ffi::Buffer<ffi::S32>>()  // node
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // changed
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // signals
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // signal ring meta
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // trajectories
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // trajectory ring meta
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // counters
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // report
 );
