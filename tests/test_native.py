@@ -255,8 +255,13 @@ def test_hebbian_writes_on_full_rows_equal_the_jax_rule():
     pick = rng.choice(n, size=2 * k + 1, replace=False)
     its.append(
       sona.make_interaction(
-        cfg, query=rng.normal(size=cfg.dim), quality=0.8, anchor=int(pick[-1]),
-        used=pick[:k].tolist(), unused=pick[k : 2 * k].tolist(), time=i,
+        cfg,
+        query=rng.normal(size=cfg.dim),
+        quality=0.8,
+        anchor=int(pick[-1]),
+        used=pick[:k].tolist(),
+        unused=pick[k : 2 * k].tolist(),
+        time=i,
       )
     )
   runs = []

@@ -169,22 +169,22 @@ def _check_layouts():
   from sona_jax import buffer, graph, state, types
   from sona_jax.loops import instant
 
-  expected = {
-    (types.S_ANCHOR, types.S_QUALITY, types.S_LATENCY, types.S_TARGET, types.S_TIER):
-      (0, 1, 2, 3, 4),
-    (types.S_CONTEXT, types.S_FEEDBACK, types.S_HAS_GRAD, types.S_TIME, types.S_LR):
-      (5, 6, 7, 8, 9),
-    (types.N_SCALARS, types.TIME_UNSET, types.N_SIGNAL_SCALARS, types.N_TRAJ_SCALARS):
-      (10, -(2**31), 8, 4),
-    (state.PROCESSED, state.REJECTED, state.MICRO_UPDATES, state.LAST_TIME): (0, 1, 2, 3),
-    (buffer.HEAD, buffer.SIZE, buffer.WRITTEN, buffer.READ, buffer.DROPPED): (0, 1, 2, 3, 4),
-    (graph.ACCESS, graph.LAST_ACCESS, graph.QUALITY, graph.ALIVE, graph.GENERATION):
-      (0, 1, 3, 5, 7),
-    (graph.HEBBIAN, instant.N_REPORT, instant.R_ACCEPTED, instant.R_REASONS): (0, 5, 0, 1),
-    (instant.R_MICRO_UPDATED, instant.R_STEP_NORM, instant.R_EDGES_CHANGED): (2, 3, 4),
-    (*instant.REASONS.values(), instant.PADDING): (*(1 << b for b in range(12)), 1 << 30),
-  }
-  for got, want in expected.items():
+  scalars = (types.S_ANCHOR, types.S_QUALITY, types.S_LATENCY, types.S_TARGET, types.S_TIER)
+  scalars += (types.S_CONTEXT, types.S_FEEDBACK, types.S_HAS_GRAD, types.S_TIME, types.S_LR)
+  widths = (types.N_SCALARS, types.TIME_UNSET, types.N_SIGNAL_SCALARS, types.N_TRAJ_SCALARS)
+  node = (graph.ACCESS, graph.LAST_ACCESS, graph.QUALITY, graph.ALIVE, graph.GENERATION)
+  report = (instant.N_REPORT, instant.R_ACCEPTED, instant.R_REASONS, instant.R_MICRO_UPDATED)
+  report += (instant.R_STEP_NORM, instant.R_EDGES_CHANGED)
+  expected = [
+    (scalars, tuple(range(10))),
+    (widths, (10, -(2**31), 8, 4)),
+    ((state.PROCESSED, state.REJECTED, state.MICRO_UPDATES, state.LAST_TIME), (0, 1, 2, 3)),
+    ((buffer.HEAD, buffer.SIZE, buffer.WRITTEN, buffer.READ, buffer.DROPPED), (0, 1, 2, 3, 4)),
+    (node + (graph.HEBBIAN,), (0, 1, 3, 5, 7, 0)),
+    (report, (5, 0, 1, 2, 3, 4)),
+    ((*instant.REASONS.values(), instant.PADDING), (*(1 << b for b in range(12)), 1 << 30)),
+  ]
+  for got, want in expected:
     if tuple(got) != tuple(want):
       raise RuntimeError(f"sona_jax.native: loop_a.cc's layouts are stale: {got} != {want}")
 
