@@ -56,6 +56,25 @@ TARGET = "sona_loop_a"  # the FFI target registered for the CPU platform
 _SOURCE = Path(__file__).with_name("loop_a.cc")
 # No FMA contraction: the graph writes are bit-identical to the JAX rule only in plain f32 steps.
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off"]
+
+
+@functools.cache
+def _flags() -> list[str]:
+  """`_FLAGS`, plus `-mavx2` on an x86-64 CPU that has AVX2 (Loop A's passes over `dim` run in
+  256-bit vectors: measured 1.3-1.5x the batch throughput of the baseline SSE2 build at dims 256
+  and 768; `-march=native`, which also turns on AVX-512 here, was slower than both). The flags are
+  part of the cache key, so a cache shared by machines of different CPUs holds a build for each.
+  The results do not depend on the vector width: every sum is in a fixed order of 8 partial sums."""
+  flags = list(_FLAGS)
+  if platform.machine().lower() in ("x86_64", "amd64"):
+    try:
+      cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+      cpuinfo = ""
+    cpu_flags = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), "").split()
+    if "avx2" in cpu_flags:
+      flags.append("-mavx2")
+  return flags
 _log = logging.getLogger("sona_jax")
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
@@ -82,7 +101,7 @@ def _library_path(cxx: str) -> Path:
     _SOURCE.read_bytes(),
     importlib.metadata.version("jaxlib").encode(),  # the FFI headers and ABI
     version.encode(),
-    " ".join(_FLAGS).encode(),
+    " ".join(_flags()).encode(),
     platform.machine().encode(),
   ):
     key.update(part)
@@ -114,7 +133,7 @@ def build(force: bool = False) -> Path:
   # see a half-written library.
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
   os.close(fd)
-  cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+  cmd = [cxx, *_flags(), f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
   try:
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:

@@ -23,11 +23,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
-
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -135,9 +132,10 @@ StepOut MicroStep(float* a, float* b, const StepIn& in, int32_t* reasons, int64_
     dy = Sum(ady);
   }
   const float along = dy / std::fmax(yy, kTiny);
-  // Pass 3: t = diff - (diff . u) u with u = y_hat / |y_hat|; |t|^2, B t, B grad.
+  // Pass 3: t = diff - (diff . u) u with u = y_hat / |y_hat|; |t|^2, B t, and B grad when
+  // supervised.
   float sq_t;
-  {
+  auto pass3 = [&](auto supervised) {
     float att[kLanes] = {}, abt[kMaxR][kLanes] = {}, abg[kMaxR][kLanes] = {};
     auto body = [&](int64_t i, int l) {
       const float ti = diff[i] - along * y[i];
@@ -145,7 +143,7 @@ StepOut MicroStep(float* a, float* b, const StepIn& in, int32_t* reasons, int64_
       att[l] += ti * ti;
       for (int64_t j = 0; j < r; ++j) {
         abt[j][l] += b[j * d + i] * ti;
-        abg[j][l] += b[j * d + i] * grad[i];
+        if constexpr (decltype(supervised)::value) abg[j][l] += b[j * d + i] * grad[i];
       }
     };
     for (int64_t i = 0; i < blocked; i += kLanes) {
@@ -157,6 +155,11 @@ StepOut MicroStep(float* a, float* b, const StepIn& in, int32_t* reasons, int64_
       bt[j] = Sum(abt[j]);
       bg[j] = Sum(abg[j]);
     }
+  };
+  if (in.has_grad) {
+    pass3(std::true_type{});
+  } else {
+    pass3(std::false_type{});
   }
   const bool has_grad = in.has_grad;
   const float t_norm = std::sqrt(sq_t);
@@ -377,41 +380,6 @@ struct LoopAShapes {
   int64_t d, r, rb, k, N, K, fields, sig_cap, traj_cap, width;
 };
 
-// Copies n floats to `dst` with non-temporal stores where the CPU has them: ring records are
-// read back by Loop B much later, so writing them around the caches keeps the memory rows Loop A
-// reads cached (and skips reading each destination line first). Callers fence after the batch.
-inline void StreamCopy(float* dst, const float* src, int64_t n) {
-#if defined(__SSE2__)
-  int64_t i = 0;
-  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15) != 0; ++i) {
-    _mm_stream_si32(reinterpret_cast<int*>(dst + i), Int(src[i]));
-  }
-  for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
-  for (; i < n; ++i) _mm_stream_si32(reinterpret_cast<int*>(dst + i), Int(src[i]));
-#else
-  std::memcpy(dst, src, n * sizeof(float));
-#endif
-}
-
-inline void StreamFence() {
-#if defined(__SSE2__)
-  _mm_sfence();
-#endif
-}
-
-// Requests the memory rows interaction `p` reads (random rows of a large table: cache misses),
-// so that they arrive while the previous interaction computes.
-inline void Prefetch(const float* p, const float* emb, const LoopAShapes& sh) {
-  constexpr int64_t kLine = 64 / sizeof(float);
-  const int64_t d = sh.d;
-  for (int64_t j = 0; j < 2 * sh.k; ++j) {
-    const int32_t id = Int(p[d + j]);
-    if (id < 0) continue;
-    const float* row = emb + (id % sh.N) * d;
-    for (int64_t i = 0; i < d; i += kLine) __builtin_prefetch(row + i);
-  }
-}
-
 // One interaction of SonaLoopA. Returns nothing; writes the state in place and its report row.
 template <int R>
 void LoopAOne(float* a, float* b, int32_t* edges, int32_t* node, float* sig, int32_t* sig_meta,
@@ -444,7 +412,7 @@ void LoopAOne(float* a, float* b, int32_t* edges, int32_t* node, float* sig, int
   // Inner products over dim that do not depend on the adapter: x A_base, |x|^2, |grad|^2.
   float xab[kMaxBaseRank];
   BaseProducts(x, base_a, d, rb, xab);
-  const float sq_x = Dot(x, x, d), sq_grad = Dot(grad, grad, d);
+  const float sq_x = Dot(x, x, d), sq_grad = has_grad ? Dot(grad, grad, d) : 0.0f;
 
   // Validation (instant._validate): one bit per kind of bad value.
   int32_t reasons = valid ? 0 : kPadding;
@@ -488,7 +456,9 @@ void LoopAOne(float* a, float* b, int32_t* edges, int32_t* node, float* sig, int
   const bool gate =
       std::fabs(q_eff - 0.5f) > cfg.gate_margin || latency_ratio > cfg.gate_ratio;
   const bool open_gate = (n_used + n_unused > 0.0f) && gate;
-  for (int64_t i = 0; i < d; ++i) {  // y_base = x + s_base (x A_base) B_base, by rows of B_base
+  // y_base = x + s_base (x A_base) B_base, then diff = mean of used minus mean of unused memory
+  // embeddings: one streaming pass per row (large dims stream well; `d` floats stay in L1).
+  for (int64_t i = 0; i < d; ++i) {
     y_base[i] = 0.0f;
     diff[i] = 0.0f;
   }
@@ -499,7 +469,7 @@ void LoopAOne(float* a, float* b, int32_t* edges, int32_t* node, float* sig, int
   }
   for (int64_t i = 0; i < d; ++i) y_base[i] = x[i] + cfg.base_scale * y_base[i];
   const float w_used = 1.0f / std::fmax(n_used, 1.0f), w_unused = -1.0f / std::fmax(n_unused, 1.0f);
-  for (int64_t j = 0; j < 2 * k; ++j) {  // mean of used minus mean of unused embeddings
+  for (int64_t j = 0; j < 2 * k; ++j) {
     if (slots[j] < 0) continue;
     const float w = j < k ? w_used : w_unused;
     const float* row = emb + slots[j] * d;
@@ -528,18 +498,18 @@ void LoopAOne(float* a, float* b, int32_t* edges, int32_t* node, float* sig, int
     }
     // Records (instant._record_rows), pushed at each ring's head (buffer.push).
     float* srow = sig + HeadSlot(sig_meta, sh.sig_cap) * (d + 8);
-    StreamCopy(srow, x, d);
+    std::memcpy(srow, x, d * sizeof(float));
     const float sscal[8] = {q_eff, q, latency_ratio, Bits(tier), Bits(context), fb, Bits(time),
                             Bits(ids[2 * k])};
-    StreamCopy(srow + d, sscal, 8);
+    std::memcpy(srow + d, sscal, sizeof sscal);
     AdvanceRing(sig_meta, sh.sig_cap);
     const float n_ret = n_used + n_unused;
     const float precision = n_ret > 0.0f ? n_used / std::fmax(n_ret, 1.0f) : 0.0f;
     float* trow = traj + HeadSlot(traj_meta, sh.traj_cap) * (d + 2 * k + 4);
-    StreamCopy(trow, x, d);
-    StreamCopy(trow + d, p + d, 2 * k);  // the ids, as their int32 bits
+    std::memcpy(trow, x, d * sizeof(float));
+    std::memcpy(trow + d, p + d, 2 * k * sizeof(float));  // the ids, as their int32 bits
     const float tscal[4] = {precision, q_eff, Bits(time), Bits(ids[2 * k])};
-    StreamCopy(trow + d + 2 * k, tscal, 4);
+    std::memcpy(trow + d + 2 * k, tscal, sizeof tscal);
     AdvanceRing(traj_meta, sh.traj_cap);
   }
   // Counters (instant._counters) and the report row (instant._report).
@@ -634,16 +604,11 @@ ffi::Error LoopAImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buff
   const int64_t valid = n_valid.typed_data()[0];
   thread_local std::vector<float> work;
   thread_local std::vector<int32_t> iwork;
-  if (n > 0) Prefetch(packed.typed_data(), emb.typed_data(), sh);
   for (int64_t i = 0; i < n; ++i) {
-    if (i + 1 < n) {  // the next interaction's rows 
-      Prefetch(packed.typed_data() + (i + 1) * sh.width, emb.typed_data(), sh);
-    }
     one(ao, bo, eo, no, so, smo, to, tmo, co, base_a.typed_data(), base_b.typed_data(),
         emb.typed_data(), packed.typed_data() + i * sh.width, i < valid, sh, cfg,
         report->typed_data() + i * 5, work, iwork);
   }
-  StreamFence();
   return ffi::Error::Success();
 }
 }  // namespace
