@@ -1054,8 +1054,9 @@ class Sona:
         chunk = rows[lo : lo + self.max_batch]
         n = chunk.shape[0]
         size = next(b for b in _BUCKETS if b >= n)
-        padded = np.zeros((size, chunk.shape[1]), np.float32)
+        padded = types.host_buffer((size, chunk.shape[1]))  # aligned: passed in without a copy
         padded[:n] = chunk
+        padded[n:] = 0.0
         self._batch_sizes[n] += 1
         report = self._apply(lambda s, p=padded, n=n: scan_packed(s, p, self.cfg, n_valid=n))
         values.append(np.asarray(report.values)[:n])

@@ -75,6 +75,8 @@ def _flags() -> list[str]:
     if "avx2" in cpu_flags:
       flags.append("-mavx2")
   return flags
+
+
 _log = logging.getLogger("sona_jax")
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
