@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sona_jax import buffer, lora, types
+from sona_jax import buffer, lora, native, types
 from sona_jax.config import SonaConfig
 from sona_jax.loops import background as loop_b
 from sona_jax.loops import instant as loop_a
@@ -201,8 +201,43 @@ def _padding_row(cfg: SonaConfig) -> np.ndarray:
   return np.array(types.pack(pad, cfg))
 
 
-def _tenant_step(sub: loop_a.LoopAState, base, emb, packed, tids, cfg: SonaConfig, rounds: int):
-  """Loop A for a batch spread over tenants: rounds of Loop A's per-request transition, vmapped.
+def _tenant_step(
+  sub: loop_a.LoopAState,
+  base,
+  emb,
+  packed,
+  tids,
+  cfg: SonaConfig,
+  rounds: int,
+  use_native: bool = False,
+):
+  """Loop A for a batch spread over tenants, each tenant's interactions in batch order.
+
+  An interaction goes to its tenant when the id is in range and fewer than `rounds` earlier
+  interactions of the batch went to the same tenant; the others are dropped with
+  `BAD_TENANT` or `TENANT_OVERFLOW`. On CPU (`use_native`) one native call applies the batch in
+  order (`native.loop_a_tenants`); elsewhere, rounds of Loop A's transition under `vmap`
+  (`_rounds`).
+  """
+  n = sub.counters.shape[0]
+  in_range = (tids >= 0) & (tids < n)
+  occ, _ = loop_a.occurrence(tids, in_range, n)
+  fits = in_range & (occ < rounds)
+  jax_rule = lambda sub: _rounds(sub, base, emb, packed, tids, occ, fits, cfg, rounds)
+  if use_native:
+    on_cpu = lambda sub: native.loop_a_tenants(
+      sub, base.a, base.b, emb, packed, jnp.where(fits, tids, -1), cfg
+    )
+    sub, report = jax.lax.platform_dependent(sub, cpu=on_cpu, default=jax_rule)
+  else:
+    sub, report = jax_rule(sub)
+  bits = jnp.where(in_range, jnp.where(fits, 0, TENANT_OVERFLOW), BAD_TENANT)
+  dropped = jnp.zeros_like(report).at[:, loop_a.R_REASONS].set(loop_a.reason_bits(bits))
+  return sub, jnp.where(fits[:, None], report, dropped)
+
+
+def _rounds(sub: loop_a.LoopAState, base, emb, packed, tids, occ, fits, cfg, rounds: int):
+  """Rounds of Loop A's per-request transition, vmapped over tenants.
 
   Interaction `j` goes to round `occ_j`, the number of earlier interactions of the same tenant, so
   each tenant sees its interactions in batch order. Round `r` steps every tenant at once with its
@@ -211,9 +246,6 @@ def _tenant_step(sub: loop_a.LoopAState, base, emb, packed, tids, cfg: SonaConfi
   are subtracted again (exact int32 arithmetic, wrapping included).
   """
   n = sub.counters.shape[0]
-  in_range = (tids >= 0) & (tids < n)
-  occ, _ = loop_a.occurrence(tids, in_range, n)
-  fits = in_range & (occ < rounds)
   row = jnp.where(fits, tids, n)  # n: past the table, dropped
   col = jnp.where(fits, occ, 0)
   pad = jnp.asarray(_padding_row(cfg))
@@ -223,15 +255,11 @@ def _tenant_step(sub: loop_a.LoopAState, base, emb, packed, tids, cfg: SonaConfi
   step = jax.vmap(loop_a.transition, in_axes=(0, 0, 0, 0, None))
   sub, reports = jax.lax.scan(lambda s, x: step(s, base, emb, x, cfg), sub, dense)
   counters = sub.counters.at[:, REJECTED].add(count - rounds)
-  report = reports[col, jnp.clip(row, 0, n - 1)]  # [B, 5]
-  bits = jnp.where(in_range, jnp.where(fits, 0, TENANT_OVERFLOW), BAD_TENANT)
-  dropped = jnp.zeros_like(report).at[:, loop_a.R_REASONS].set(loop_a.reason_bits(bits))
-  report = jnp.where(fits[:, None], report, dropped)
-  return sub._replace(counters=counters), report
+  return sub._replace(counters=counters), reports[col, jnp.clip(row, 0, n - 1)]  # [B, 5]
 
 
 @functools.cache
-def _tenant_step_jitted():
+def _tenant_step_jitted(use_native: bool = False):
   """The jitted tenant step, with Loop A's per-function XLA:CPU options when this XLA has them
   (the memory-optimised scheduler: measured ~2x the throughput of the default at 1,000 tenants).
   """
@@ -240,7 +268,14 @@ def _tenant_step_jitted():
     jax.jit(lambda v: v + 1, compiler_options=options).lower(jnp.float32(0)).compile()
   except Exception:  # an option this XLA does not know (Loop A logs the same fallback)
     options = {}
-  return jax.jit(_tenant_step, static_argnums=(5, 6), donate_argnums=0, compiler_options=options)
+  step = functools.partial(_tenant_step, use_native=use_native)
+  return jax.jit(step, static_argnums=(5, 6), donate_argnums=0, compiler_options=options)
+
+
+def _on_one_device(states: SonaState) -> bool:
+  """Whether the stacked states live on one device (the native call does not shard)."""
+  sharding = getattr(states.micro.a, "sharding", None)
+  return sharding is not None and len(sharding.device_set) == 1
 
 
 def _bucket(m: int) -> int:
@@ -259,13 +294,17 @@ def instant_step_tenants(
   """Loop A for a batch of interactions, each addressed to one tenant.
 
   Each tenant takes its own interactions in batch order, exactly as `instant_step` would one by
-  one on that tenant alone; every tenant the batch does not address keeps every array
-  bit-identical. The batch runs in rounds (a `lax.scan`), each stepping all tenants at once under
-  `vmap`; the number of rounds is the most interactions any one tenant has, so the cost is
-  `n_tenants x rounds` steps: batches that spread evenly over tenants are cheapest. One call, one
-  compile per batch size and per power-of-two bound on the interactions per tenant. Tenants run
-  Loop A's JAX rule on every platform (it shards along the tenant axis); a single learner on CPU
-  runs the native kernel (`sona_jax.native`), which agrees with it to float rounding.
+  one on that tenant alone (bit for bit, under the same rule); every tenant the batch does not
+  address keeps every array bit-identical. One call, one compile per batch size and per
+  power-of-two bound on the interactions per tenant.
+
+  On CPU, with the states on one device, one native call applies the batch in order
+  (`native.loop_a_tenants`): the cost is the batch's interactions. Otherwise (GPU, TPU, states
+  sharded over devices, inside a user's `jit`, or without the native library) the batch runs in
+  rounds of Loop A's JAX rule (a `lax.scan`), each stepping all tenants at once under `vmap`,
+  which shards along the tenant axis; the number of rounds is the most interactions any one
+  tenant has, so the cost is `n_tenants x rounds` steps: batches that spread evenly over tenants
+  are cheapest.
 
   Args:
     states: tenant-stacked state (`init_tenants`); its Loop A part is donated: use the returned
@@ -300,7 +339,10 @@ def instant_step_tenants(
       )
     rounds = max_per_tenant
   traced = isinstance(tids, jax.core.Tracer) or loop_a.in_user_transform(packed, states)
-  step = _tenant_step if traced else _tenant_step_jitted()
+  if traced:  # inside a user's jit: the JAX rule, which shards with the states
+    step = _tenant_step
+  else:
+    step = _tenant_step_jitted(_on_one_device(states) and native.enabled())
   sub, report = step(
     loop_a.split_state(states), states.base, states.graph.emb, packed, tids, cfg, rounds
   )

@@ -88,7 +88,17 @@ def test_init_tenants_stacks_independent_learners():
     tenants.init_tenants(CFG, jax.random.key(0), 0)
 
 
-def test_tenant_step_equals_each_tenant_alone_and_leaves_the_others_bit_identical(fresh, compiles):
+@pytest.fixture(params=[False, True], ids=["jax_rule", "native"])
+def rule(request):
+  """Loop A's rule for the test: the JAX rule (every platform) or the native CPU kernel."""
+  previous = native.set_enabled(request.param)
+  yield request.param
+  native.set_enabled(previous)
+
+
+def test_tenant_step_equals_each_tenant_alone_and_leaves_the_others_bit_identical(
+  fresh, compiles, rule
+):
   rng = np.random.default_rng(1)
   its = _interactions(rng, BATCH)
   its[5] = its[5]._replace(quality=np.float32(np.nan))  # one bad interaction: rejected, counted
@@ -107,18 +117,14 @@ def test_tenant_step_equals_each_tenant_alone_and_leaves_the_others_bit_identica
       assert _bits(got) == _bits(tenants.tenant(before, t)), t
       continue
     # Touched: exactly what instant_step does on this tenant alone, one by one in batch order,
-    # under the same rule: tenants run Loop A's JAX rule on every platform (a single learner on
-    # CPU runs the native kernels, equal to it to float rounding: tests/test_native.py).
+    # under the same rule, bit for bit (the two rules agree to float rounding:
+    # tests/test_native.py).
     alone = _copy(tenants.tenant(before, t))
-    previous = native.set_enabled(False)
-    try:
-      for j in mine:
-        alone, rep = sona.instant_step(alone, its[j], CFG)
-        np.testing.assert_array_equal(
-          np.asarray(report.values)[j].view(np.int32), np.asarray(rep.values).view(np.int32)
-        )
-    finally:
-      native.set_enabled(previous)
+    for j in mine:
+      alone, rep = sona.instant_step(alone, its[j], CFG)
+      np.testing.assert_array_equal(
+        np.asarray(report.values)[j].view(np.int32), np.asarray(rep.values).view(np.int32)
+      )
     assert _bits(got) == _bits(alone), t
   assert int(states.metrics.rejected.sum()) == 1  # the padding rows are not counted
   assert int(states.step.sum()) == BATCH - 1

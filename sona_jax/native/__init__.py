@@ -49,10 +49,13 @@ __all__ = [
   "enabled",
   "set_enabled",
   "loop_a",
+  "loop_a_tenants",
   "TARGET",
+  "TENANTS_TARGET",
 ]
 
-TARGET = "sona_loop_a"  # the FFI target registered for the CPU platform
+TARGET = "sona_loop_a"  # the FFI targets registered for the CPU platform
+TENANTS_TARGET = "sona_loop_a_tenants"
 _SOURCE = Path(__file__).with_name("loop_a.cc")
 # No FMA contraction: the graph writes are bit-identical to the JAX rule only in plain f32 steps.
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off"]
@@ -175,7 +178,8 @@ def _load() -> bool:
         except OSError:  # a damaged cached library (e.g. a full disk mid-copy): build it again
           lib = ctypes.CDLL(str(build(force=True)))
         _check_layouts()
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.SonaLoopA), platform="cpu")
+        for name, symbol in ((TARGET, lib.SonaLoopA), (TENANTS_TARGET, lib.SonaLoopATenants)):
+          jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
         _loaded = True
       except Exception as e:
         if _mode() == "on":
@@ -273,15 +277,42 @@ def loop_a(sub, base_a, base_b, emb, packed, n_valid, cfg):
     >>> report.shape, bool(report[0, instant.R_ACCEPTED]), sub.counters.tolist()
     ((1, 5), True, [1, 0, 0, 3])
   """
+  return _call(TARGET, sub, base_a, base_b, emb, packed, jnp.asarray(n_valid, jnp.int32), cfg)
+
+
+def loop_a_tenants(sub, base_a, base_b, emb, packed, tenant_ids, cfg):
+  """`loop_a` on stacked tenants (`sona_jax.tenants`: every array with a leading tenant axis):
+  row `i` of `packed` is applied to tenant `tenant_ids[i]`, in batch order, as `loop_a` on that
+  tenant alone; a row whose id is outside `[0, n_tenants)` is skipped (a report row of zeros).
+  Tenants no row addresses keep every array bit-identical.
+
+  Examples:
+    >>> import jax, sona_jax as sona
+    >>> from sona_jax import native, tenants, types
+    >>> from sona_jax.loops import instant
+    >>> cfg = sona.SonaConfig(dim=8, graph_capacity=16, signal_capacity=8, trajectory_capacity=8)
+    >>> states = tenants.init_tenants(cfg, jax.random.key(0), 3)
+    >>> it = sona.make_interaction(cfg, query=[1.0] * 8, quality=0.9, time=3)
+    >>> packed = types.pack(sona.stack_interactions([it, it]), cfg, batched=True)
+    >>> sub, report = native.loop_a_tenants(instant.split_state(states), states.base.a,
+    ...                                     states.base.b, states.graph.emb, packed, [2, -1], cfg)
+    >>> report[:, instant.R_ACCEPTED].tolist(), sub.counters[:, 0].tolist()
+    ([1.0, 0.0], [0, 0, 1])
+  """
+  tids = jnp.asarray(tenant_ids, jnp.int32)
+  return _call(TENANTS_TARGET, sub, base_a, base_b, emb, packed, tids, cfg)
+
+
+def _call(target, sub, base_a, base_b, emb, packed, rows, cfg):
   if not _load():
     raise RuntimeError("sona_jax.native: the native library is unavailable (see the log)")
   leaves, tree = jax.tree.flatten(sub)
   if len(leaves) != 9:  # the operand order loop_a.cc reads
-    raise ValueError(f"sona_jax.native.loop_a: a LoopAState has 9 arrays, got {len(leaves)}")
+    raise ValueError(f"sona_jax.native: a LoopAState has 9 arrays, got {len(leaves)}")
   out_types = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
   out_types.append(jax.ShapeDtypeStruct((packed.shape[-2], 5), jnp.float32))
   call = jax.ffi.ffi_call(
-    TARGET,
+    target,
     out_types,
     input_output_aliases={i: i for i in range(len(leaves))},
     vmap_method="sequential",
@@ -292,7 +323,7 @@ def loop_a(sub, base_a, base_b, emb, packed, n_valid, cfg):
     base_b,
     emb,
     packed,
-    jnp.asarray(n_valid, jnp.int32),
+    rows,
     micro_scale=np.float32(cfg.micro_scale),
     clip=np.float32(-1.0 if cfg.micro_clip is None else cfg.micro_clip),
     base_scale=np.float32(cfg.base_scale),

@@ -545,50 +545,68 @@ T* InPlace(const In& in, Out& out) {  // the result aliased to its operand, or a
   return o;
 }
 
-ffi::Error LoopAImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::S32> edges,
-                     ffi::Buffer<ffi::S32> node, ffi::Buffer<ffi::F32> sig,
-                     ffi::Buffer<ffi::S32> sig_meta, ffi::Buffer<ffi::F32> traj,
-                     ffi::Buffer<ffi::S32> traj_meta, ffi::Buffer<ffi::S32> counters,
-                     ffi::Buffer<ffi::F32> base_a, ffi::Buffer<ffi::F32> base_b,
-                     ffi::Buffer<ffi::F32> emb, ffi::Buffer<ffi::F32> packed,
-                     ffi::Buffer<ffi::S32> n_valid, float micro_scale, float clip,
-                     float base_scale, float micro_lr, float gate_margin, float gate_ratio,
-                     float strengthen, float weaken, float ema, int32_t n_tiers,
-                     ffi::ResultBuffer<ffi::F32> a_out, ffi::ResultBuffer<ffi::F32> b_out,
-                     ffi::ResultBuffer<ffi::S32> edges_out, ffi::ResultBuffer<ffi::S32> node_out,
-                     ffi::ResultBuffer<ffi::F32> sig_out, ffi::ResultBuffer<ffi::S32> sig_meta_out,
-                     ffi::ResultBuffer<ffi::F32> traj_out,
-                     ffi::ResultBuffer<ffi::S32> traj_meta_out,
-                     ffi::ResultBuffer<ffi::S32> counters_out,
-                     ffi::ResultBuffer<ffi::F32> report) {
+// The state operands and results of SonaLoopA and SonaLoopATenants, in operand order.
+#define SONA_LOOP_A_OPERANDS                                                                     \
+  ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::S32> edges,                 \
+      ffi::Buffer<ffi::S32> node, ffi::Buffer<ffi::F32> sig, ffi::Buffer<ffi::S32> sig_meta,     \
+      ffi::Buffer<ffi::F32> traj, ffi::Buffer<ffi::S32> traj_meta,                               \
+      ffi::Buffer<ffi::S32> counters, ffi::Buffer<ffi::F32> base_a, ffi::Buffer<ffi::F32> base_b, \
+      ffi::Buffer<ffi::F32> emb, ffi::Buffer<ffi::F32> packed
+#define SONA_LOOP_A_ATTRS                                                                     \
+  float micro_scale, float clip, float base_scale, float micro_lr, float gate_margin,         \
+      float gate_ratio, float strengthen, float weaken, float ema, int32_t n_tiers
+#define SONA_LOOP_A_RESULTS                                                                   \
+  ffi::ResultBuffer<ffi::F32> a_out, ffi::ResultBuffer<ffi::F32> b_out,                       \
+      ffi::ResultBuffer<ffi::S32> edges_out, ffi::ResultBuffer<ffi::S32> node_out,            \
+      ffi::ResultBuffer<ffi::F32> sig_out, ffi::ResultBuffer<ffi::S32> sig_meta_out,          \
+      ffi::ResultBuffer<ffi::F32> traj_out, ffi::ResultBuffer<ffi::S32> traj_meta_out,        \
+      ffi::ResultBuffer<ffi::S32> counters_out, ffi::ResultBuffer<ffi::F32> report
+
+// Runs n packed interactions in order. Every state operand may carry a leading tenant axis T (the
+// same for all; T = 1 without one): interaction i goes to tenant `tenant_of(i)`, and is skipped
+// (a report row of zeros) when that is outside [0, T). `valid(i)` false marks a padding row: run,
+// never applied, never counted.
+template <typename TenantOf, typename Valid>
+ffi::Error RunLoopA(SONA_LOOP_A_OPERANDS, SONA_LOOP_A_ATTRS, SONA_LOOP_A_RESULTS,
+                    TenantOf tenant_of, Valid valid) {
   auto ad = a.dimensions(), bad = base_a.dimensions(), ed = edges.dimensions(),
        nd = node.dimensions(), sd = sig.dimensions(), td = traj.dimensions(),
-       ed2 = emb.dimensions(), pd = packed.dimensions();
-  if (ad.size() != 2 || bad.size() != 2 || ed.size() != 2 || nd.size() != 2 || sd.size() != 2 ||
-      td.size() != 2 || ed2.size() != 2 || pd.size() != 2) {
+       md = emb.dimensions(), pd = packed.dimensions();
+  if (ad.size() < 2 || bad.size() < 2 || ed.size() < 2 || nd.size() < 2 || sd.size() < 2 ||
+      td.size() < 2 || md.size() < 2 || pd.size() != 2) {
     return ffi::Error::InvalidArgument("sona_loop_a: bad operand ranks");
   }
+  auto last = [](auto dims, size_t i) { return dims[dims.size() - 1 - i]; };
   LoopAShapes sh;
-  sh.d = ad[0];
-  sh.r = ad[1];
-  sh.rb = bad[1];
-  sh.N = ed2[0];
-  sh.K = ed[1] / 3;
-  sh.fields = nd[1];
-  sh.sig_cap = sd[0];
-  sh.traj_cap = td[0];
-  sh.k = (td[1] - sh.d - 4) / 2;
+  sh.d = last(ad, 1);
+  sh.r = last(ad, 0);
+  sh.rb = last(bad, 0);
+  sh.N = last(md, 1);
+  sh.K = last(ed, 0) / 3;
+  sh.fields = last(nd, 0);
+  sh.sig_cap = last(sd, 1);
+  sh.traj_cap = last(td, 1);
+  sh.k = (last(td, 0) - sh.d - 4) / 2;
   sh.width = pd[1];
   const int64_t n = pd[0];
-  if (ed2[1] != sh.d || b.element_count() != a.element_count() ||
-      base_b.element_count() != base_a.element_count() || bad[0] != sh.d || ed[0] != sh.N ||
-      ed[1] % 3 != 0 || nd[0] != sh.N || sh.fields <= kGeneration || sd[1] != sh.d + 8 ||
-      td[1] != sh.d + 2 * sh.k + 4 || sh.k < 0 || sh.width != 2 * sh.d + 2 * sh.k + kNScalars ||
-      sig_meta.element_count() != 5 || traj_meta.element_count() != 5 ||
-      counters.element_count() < 4 || sh.sig_cap < 1 || sh.traj_cap < 1 || sh.N < 1) {
+  const int64_t sig_w = sh.d + 8, traj_w = sh.d + 2 * sh.k + 4, edge_w = 3 * sh.K;
+  const int64_t T = sh.d * sh.r > 0 ? static_cast<int64_t>(a.element_count()) / (sh.d * sh.r) : 0;
+  auto per = [T](const auto& buf, int64_t size) {
+    return static_cast<int64_t>(buf.element_count()) == T * size;
+  };
+  if (T < 1 || sh.N < 1 || sh.sig_cap < 1 || sh.traj_cap < 1 || sh.k < 0 ||
+      last(md, 0) != sh.d || last(bad, 1) != sh.d || last(ed, 0) % 3 != 0 ||
+      sh.fields <= kGeneration || last(sd, 0) != sig_w || last(td, 0) != traj_w ||
+      sh.width != 2 * sh.d + 2 * sh.k + kNScalars || !per(b, sh.d * sh.r) ||
+      !per(edges, sh.N * edge_w) || !per(node, sh.N * sh.fields) ||
+      !per(sig, sh.sig_cap * sig_w) || !per(sig_meta, 5) || !per(traj, sh.traj_cap * traj_w) ||
+      !per(traj_meta, 5) || !per(counters, 4) || !per(base_a, sh.d * sh.rb) ||
+      !per(base_b, sh.d * sh.rb) || !per(emb, sh.N * sh.d)) {
     return ffi::Error::InvalidArgument("sona_loop_a: operand shapes do not match");
   }
-  if (sh.r > 64 || sh.rb > kMaxBaseRank) return ffi::Error::InvalidArgument("sona_loop_a: rank above 64");
+  if (sh.r > 64 || sh.rb > kMaxBaseRank) {
+    return ffi::Error::InvalidArgument("sona_loop_a: rank above 64");
+  }
   float* ao = InPlace<float>(a, a_out);
   float* bo = InPlace<float>(b, b_out);
   int32_t* eo = InPlace<int32_t>(edges, edges_out);
@@ -601,15 +619,48 @@ ffi::Error LoopAImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buff
   const LoopAConfig cfg{micro_scale, clip,    base_scale, micro_lr, gate_margin,
                         gate_ratio,  strengthen, weaken,  ema,      n_tiers};
   const LoopAFn one = LoopAFor(sh.r);
-  const int64_t valid = n_valid.typed_data()[0];
   thread_local std::vector<float> work;
   thread_local std::vector<int32_t> iwork;
   for (int64_t i = 0; i < n; ++i) {
-    one(ao, bo, eo, no, so, smo, to, tmo, co, base_a.typed_data(), base_b.typed_data(),
-        emb.typed_data(), packed.typed_data() + i * sh.width, i < valid, sh, cfg,
-        report->typed_data() + i * 5, work, iwork);
+    float* rep = report->typed_data() + i * 5;
+    const int64_t t = tenant_of(i);
+    if (t < 0 || t >= T) {
+      std::fill(rep, rep + 5, 0.0f);
+      continue;
+    }
+    const int64_t dr = sh.d * sh.r, drb = sh.d * sh.rb;
+    one(ao + t * dr, bo + t * dr, eo + t * sh.N * edge_w, no + t * sh.N * sh.fields,
+        so + t * sh.sig_cap * sig_w, smo + t * 5, to + t * sh.traj_cap * traj_w, tmo + t * 5,
+        co + t * 4, base_a.typed_data() + t * drb, base_b.typed_data() + t * drb,
+        emb.typed_data() + t * sh.N * sh.d, packed.typed_data() + i * sh.width, valid(i), sh, cfg,
+        rep, work, iwork);
   }
   return ffi::Error::Success();
+}
+
+#define SONA_LOOP_A_ARGS                                                                     \
+  a, b, edges, node, sig, sig_meta, traj, traj_meta, counters, base_a, base_b, emb, packed,  \
+      micro_scale, clip, base_scale, micro_lr, gate_margin, gate_ratio, strengthen, weaken,  \
+      ema, n_tiers, a_out, b_out, edges_out, node_out, sig_out, sig_meta_out, traj_out,      \
+      traj_meta_out, counters_out, report
+
+// One learner: rows at or past n_valid are padding.
+ffi::Error LoopAImpl(SONA_LOOP_A_OPERANDS, ffi::Buffer<ffi::S32> n_valid, SONA_LOOP_A_ATTRS,
+                     SONA_LOOP_A_RESULTS) {
+  const int64_t n_ok = n_valid.typed_data()[0];
+  return RunLoopA(SONA_LOOP_A_ARGS, [](int64_t) { return int64_t{0}; },
+                  [n_ok](int64_t i) { return i < n_ok; });
+}
+
+// Stacked tenants: row i goes to tenant tids[i] (skipped when outside [0, T)).
+ffi::Error LoopATenantsImpl(SONA_LOOP_A_OPERANDS, ffi::Buffer<ffi::S32> tids, SONA_LOOP_A_ATTRS,
+                            SONA_LOOP_A_RESULTS) {
+  const int32_t* ids = tids.typed_data();
+  if (tids.element_count() != packed.dimensions()[0]) {
+    return ffi::Error::InvalidArgument("sona_loop_a_tenants: one tenant id per row");
+  }
+  return RunLoopA(SONA_LOOP_A_ARGS, [ids](int64_t i) { return int64_t{ids[i]}; },
+                  [](int64_t) { return true; });
 }
 }  // namespace
 
@@ -629,6 +680,44 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SonaLoopA, LoopAImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // emb
                                   .Arg<ffi::Buffer<ffi::F32>>()  // packed interactions
                                   .Arg<ffi::Buffer<ffi::S32>>()  // n_valid
+                                  .Attr<float>("micro_scale")
+                                  .Attr<float>("clip")
+                                  .Attr<float>("base_scale")
+                                  .Attr<float>("micro_lr")
+                                  .Attr<float>("gate_margin")
+                                  .Attr<float>("gate_ratio")
+                                  .Attr<float>("strengthen")
+                                  .Attr<float>("weaken")
+                                  .Attr<float>("ema")
+                                  .Attr<int32_t>("n_tiers")
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // micro a
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // micro b
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // edges
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // node
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // signals
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // signal ring meta
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // trajectories
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // trajectory ring meta
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // counters
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // report
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SonaLoopATenants, LoopATenantsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // micro a
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // micro b
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // edges
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // node
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // signals
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // signal ring meta
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // trajectories
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // trajectory ring meta
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // counters
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // base a
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // base b
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // emb
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // packed interactions
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // tenant id per row
                                   .Attr<float>("micro_scale")
                                   .Attr<float>("clip")
                                   .Attr<float>("base_scale")
