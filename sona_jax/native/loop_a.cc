@@ -664,78 +664,43 @@ ffi::Error LoopATenantsImpl(SONA_LOOP_A_OPERANDS, ffi::Buffer<ffi::S32> tids, SO
 }
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SonaLoopA, LoopAImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // micro a
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // micro b
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // edges
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // node
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // signals
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // signal ring meta
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // trajectories
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // trajectory ring meta
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // counters
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // base a
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // base b
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // emb
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // packed interactions
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // n_valid
-                                  .Attr<float>("micro_scale")
-                                  .Attr<float>("clip")
-                                  .Attr<float>("base_scale")
-                                  .Attr<float>("micro_lr")
-                                  .Attr<float>("gate_margin")
-                                  .Attr<float>("gate_ratio")
-                                  .Attr<float>("strengthen")
-                                  .Attr<float>("weaken")
-                                  .Attr<float>("ema")
-                                  .Attr<int32_t>("n_tiers")
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // micro a
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // micro b
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // edges
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // node
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // signals
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // signal ring meta
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // trajectories
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // trajectory ring meta
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // counters
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // report
-);
+// Both handlers bind the same operands, attributes and results.
+#define SONA_LOOP_A_BINDING                                  \
+  ffi::Ffi::Bind()                                           \
+  .Arg<ffi::Buffer<ffi::F32>>()  /* micro a */               \
+  .Arg<ffi::Buffer<ffi::F32>>()  /* micro b */               \
+  .Arg<ffi::Buffer<ffi::S32>>()  /* edges */                 \
+  .Arg<ffi::Buffer<ffi::S32>>()  /* node */                  \
+  .Arg<ffi::Buffer<ffi::F32>>()  /* signals */               \
+  .Arg<ffi::Buffer<ffi::S32>>()  /* signal ring meta */      \
+  .Arg<ffi::Buffer<ffi::F32>>()  /* trajectories */          \
+  .Arg<ffi::Buffer<ffi::S32>>()  /* trajectory ring meta */  \
+  .Arg<ffi::Buffer<ffi::S32>>()  /* counters */              \
+  .Arg<ffi::Buffer<ffi::F32>>()  /* base a */                \
+  .Arg<ffi::Buffer<ffi::F32>>()  /* base b */                \
+  .Arg<ffi::Buffer<ffi::F32>>()  /* emb */                   \
+  .Arg<ffi::Buffer<ffi::F32>>()  /* packed interactions */   \
+  .Arg<ffi::Buffer<ffi::S32>>()  /* n_valid / tenant ids */  \
+  .Attr<float>("micro_scale")                                \
+  .Attr<float>("clip")                                       \
+  .Attr<float>("base_scale")                                 \
+  .Attr<float>("micro_lr")                                   \
+  .Attr<float>("gate_margin")                                \
+  .Attr<float>("gate_ratio")                                 \
+  .Attr<float>("strengthen")                                 \
+  .Attr<float>("weaken")                                     \
+  .Attr<float>("ema")                                        \
+  .Attr<int32_t>("n_tiers")                                  \
+  .Ret<ffi::Buffer<ffi::F32>>()  /* micro a */               \
+  .Ret<ffi::Buffer<ffi::F32>>()  /* micro b */               \
+  .Ret<ffi::Buffer<ffi::S32>>()  /* edges */                 \
+  .Ret<ffi::Buffer<ffi::S32>>()  /* node */                  \
+  .Ret<ffi::Buffer<ffi::F32>>()  /* signals */               \
+  .Ret<ffi::Buffer<ffi::S32>>()  /* signal ring meta */      \
+  .Ret<ffi::Buffer<ffi::F32>>()  /* trajectories */          \
+  .Ret<ffi::Buffer<ffi::S32>>()  /* trajectory ring meta */  \
+  .Ret<ffi::Buffer<ffi::S32>>()  /* counters */              \
+  .Ret<ffi::Buffer<ffi::F32>>()  /* report */
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SonaLoopATenants, LoopATenantsImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // micro a
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // micro b
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // edges
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // node
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // signals
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // signal ring meta
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // trajectories
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // trajectory ring meta
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // counters
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // base a
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // base b
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // emb
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // packed interactions
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // tenant id per row
-                                  .Attr<float>("micro_scale")
-                                  .Attr<float>("clip")
-                                  .Attr<float>("base_scale")
-                                  .Attr<float>("micro_lr")
-                                  .Attr<float>("gate_margin")
-                                  .Attr<float>("gate_ratio")
-                                  .Attr<float>("strengthen")
-                                  .Attr<float>("weaken")
-                                  .Attr<float>("ema")
-                                  .Attr<int32_t>("n_tiers")
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // micro a
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // micro b
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // edges
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // node
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // signals
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // signal ring meta
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // trajectories
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // trajectory ring meta
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // counters
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // report
-);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SonaLoopA, LoopAImpl, SONA_LOOP_A_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SonaLoopATenants, LoopATenantsImpl, SONA_LOOP_A_BINDING);
