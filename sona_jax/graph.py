@@ -646,8 +646,9 @@ def add_edges(graph: Graph, src, dst, weight, kind, *, mode: str = "max"):
   For a pair that already has an edge, the weight becomes `max(w, weight)` (`mode="max"`) or
   `min(1, w + weight)` (`mode="add"`) and the kind is kept. A new pair takes an empty slot of its
   row or, when the row is full, the slot of its weakest edge if that edge is weaker: per row, the
-  `K` strongest of the existing and proposed edges are kept (ties keep existing edges first), which
-  is what inserting the proposals one by one, strongest first, into the weakest slot gives.
+  `K` strongest of the existing and proposed edges are kept (ties keep existing edges first, then
+  the pair proposed first), which is what inserting the proposals one by one, strongest first and
+  in proposal order among equals, into the weakest slot gives.
   Self-loops, pairs with a dead or out-of-range end, and duplicate proposals (the strongest one
   wins) are dropped. Nothing is lost silently: the returned `EdgeUpdate` lists every updated,
   inserted, rejected and displaced pair.
@@ -688,14 +689,17 @@ def add_edges(graph: Graph, src, dst, weight, kind, *, mode: str = "max"):
   alive = np.asarray(graph.node[:, ALIVE]) != 0
   ok = (src >= 0) & (src < n) & (dst >= 0) & (dst < n) & (src != dst) & np.isfinite(weight)
   ok[ok] &= alive[src[ok]] & alive[dst[ok]]
+  pos = np.flatnonzero(ok)  # each proposal's place in the input: ties go to the earlier one
   src, dst, weight, kind = src[ok], dst[ok], weight[ok], kind[ok]
   if src.size == 0:
     return graph, EdgeUpdate(empty, empty, empty, empty)
-  # Duplicate proposals: keep the strongest.
-  order = np.lexsort((-weight, dst, src))
-  src, dst, weight, kind = src[order], dst[order], weight[order], kind[order]
+  # Duplicate proposals: keep the strongest (the earliest among equals); the pair ranks by its
+  # first proposal.
+  order = np.lexsort((pos, -weight, dst, src))
+  src, dst, weight, kind, pos = src[order], dst[order], weight[order], kind[order], pos[order]
   first = np.ones(src.size, bool)
   first[1:] = (src[1:] != src[:-1]) | (dst[1:] != dst[:-1])
+  pos = np.minimum.reduceat(pos, np.flatnonzero(first))
   src, dst, weight, kind = src[first], dst[first], weight[first], kind[first]
   nbr, w, knd = edges[:, :k], edges[:, k : 2 * k].view(np.float32), edges[:, 2 * k :]
   # Existing edges: match proposals against their row's slots.
@@ -709,7 +713,7 @@ def add_edges(graph: Graph, src, dst, weight, kind, *, mode: str = "max"):
     w[us, uslot] = np.minimum(w[us, uslot] + uw, 1.0)
   updated = np.stack([us, ud], axis=1).astype(np.int32)
   # New edges: per row, keep the K strongest of existing + proposed.
-  ns, nd, nw, nk = src[~has], dst[~has], weight[~has], kind[~has]
+  ns, nd, nw, nk, npos = src[~has], dst[~has], weight[~has], kind[~has], pos[~has]
   rows = np.unique(ns)
   inserted, rejected, displaced = [], [], []
   if rows.size:
@@ -721,7 +725,9 @@ def add_edges(graph: Graph, src, dst, weight, kind, *, mode: str = "max"):
     c_w = np.concatenate([r_w.reshape(-1)[ex_ok], nw])
     c_new = np.concatenate([np.zeros(ex_ok.sum(), bool), np.ones(ns.size, bool)])
     c_idx = np.concatenate([ex_slot[ex_ok], np.arange(ns.size)])
-    order = np.lexsort((c_new, -c_w, c_row))  # by row, strongest first, existing first on ties
+    c_pos = np.concatenate([np.zeros(ex_ok.sum(), np.int64), npos])
+    # By row, strongest first; on ties existing edges first, then the pair proposed first.
+    order = np.lexsort((c_pos, c_new, -c_w, c_row))
     c_row, c_w, c_new, c_idx = c_row[order], c_w[order], c_new[order], c_idx[order]
     start = np.searchsorted(c_row, np.arange(rows.size))
     rank = np.arange(c_row.size) - start[c_row]
