@@ -244,23 +244,24 @@ assert [
 _ALIGN = 64  # bytes
 
 
-def host_buffer(shape, *, zero: bool = False) -> np.ndarray:
-  """An uninitialised (or zeroed) float32 NumPy array whose data is 64-byte aligned.
+def host_buffer(shape) -> np.ndarray:
+  """An uninitialised float32 NumPy array whose data is 64-byte aligned.
 
   JAX on CPU passes an aligned host array into a jitted call without copying it (measured: a
-  [256, 1566] batch in 15 us against 250 us for NumPy's default 16-byte alignment), so every packed
-  interaction Loop A receives is built in one. The array must not change while a call that
-  received it may still read it (JAX then holds it).
+  [256, 1566] batch in 15 us against 250 us for NumPy's default 16-byte alignment), so packed
+  batches are built in one. A single packed interaction is not: for one row the copy is cheaper
+  than this allocation (~2 us), and the step measured the same either way. The array must not
+  change while a call that received it may still read it (JAX then holds it).
 
   Examples:
     >>> from sona_jax import types
-    >>> buf = types.host_buffer((3, 5), zero=True)
-    >>> buf.shape, buf.dtype.name, buf.ctypes.data % 64, float(buf.sum())
-    ((3, 5), 'float32', 0, 0.0)
+    >>> buf = types.host_buffer((3, 5))
+    >>> buf.shape, buf.dtype.name, buf.ctypes.data % 64
+    ((3, 5), 'float32', 0)
   """
   shape = (shape,) if isinstance(shape, int) else tuple(shape)
   n = math.prod(shape)
-  raw = np.zeros(n + _ALIGN // 4, np.float32) if zero else np.empty(n + _ALIGN // 4, np.float32)
+  raw = np.empty(n + _ALIGN // 4, np.float32)
   at = (-raw.ctypes.data % _ALIGN) // 4
   return raw[at : at + n].reshape(shape)
 
@@ -279,16 +280,20 @@ def _pack_one(i: Interaction) -> np.ndarray:
     int(i.time),
     math.nan,
   )
-  parts = (i.query, i.used.view(np.float32), i.unused.view(np.float32))
-  return np.concatenate((*parts, np.frombuffer(scalars, np.float32), i.grad), out=_one(i))
-
-
-def _one(i: Interaction) -> np.ndarray:
-  return host_buffer(2 * i.query.shape[0] + 2 * i.used.shape[0] + N_SCALARS)
+  return np.concatenate(
+    [
+      i.query,
+      i.used.view(np.float32),
+      i.unused.view(np.float32),
+      np.frombuffer(scalars, np.float32),
+      i.grad,
+    ]
+  )
 
 
 def _pack_numpy(interaction: Interaction, cfg: SonaConfig, batch: tuple[int, ...]) -> np.ndarray:
-  out = host_buffer(batch + (packed_width(cfg),))
+  width = packed_width(cfg)
+  out = host_buffer(batch + (width,)) if batch else np.empty((width,), np.float32)
   with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf (rejected)
     return _pack_numpy_into(out, interaction, cfg)
 
@@ -413,8 +418,11 @@ def stamp(packed: np.ndarray, cfg: SonaConfig, *, now: int | None = None, micro_
     now: seconds since the origin, for interactions made without a time.
     micro_lr: the live micro-LoRA learning rate (None: `cfg.micro_lr`).
   """
-  out = host_buffer(np.shape(packed))
-  out[...] = packed
+  if np.ndim(packed) == 1:  # one request: a plain copy (alignment gains nothing for one row)
+    out = np.array(packed, np.float32, copy=True)
+  else:
+    out = host_buffer(np.shape(packed))
+    out[...] = packed
   j = _scalar_offset(cfg) + S_TIME
   if now is not None:
     iv = out.view(np.int32)
@@ -546,7 +554,7 @@ def pack_interaction(
   s0 = _scalar_offset(cfg)
   width = packed_width(cfg)
   if out is None:
-    buf = host_buffer(width)
+    buf = np.empty((width,), np.float32)
   elif type(out) is not np.ndarray or out.shape != (width,) or out.dtype != np.float32:
     raise ValueError(f"pack_interaction: out must be a float32 NumPy array of shape ({width},)")
   else:
